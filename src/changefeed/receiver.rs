@@ -1,0 +1,1 @@
+//! The receive pipeline: a parsed batch through the userscript into the target.

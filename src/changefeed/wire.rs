@@ -1,0 +1,260 @@
+//! Parsing a request body: a batch envelope (`{"payload":[…],"length":N}`),
+//! a resolved checkpoint (`{"resolved":"…"}`), or newline-delimited rows.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::{Before, Document, Hlc, Mutation};
+
+/// What one request carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Envelope {
+    /// Changed rows.
+    Batch(Vec<Mutation>),
+    /// Every change at or below this time has been sent.
+    Resolved(Hlc),
+}
+
+/// Why a body could not be read. Always the sender's fault (HTTP 400).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ParseError {
+    #[error("malformed JSON at line {line} column {column}: {message}")]
+    Json {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("payload[{index}]: {message}")]
+    Row { index: usize, message: String },
+    #[error("{0}")]
+    Envelope(String),
+}
+
+impl ParseError {
+    fn json(e: &serde_json::Error) -> Self {
+        ParseError::Json {
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow, default)]
+    payload: Option<Vec<&'a RawValue>>,
+    #[serde(default)]
+    length: Option<Value>,
+    #[serde(default)]
+    resolved: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawRow {
+    #[serde(default)]
+    after: Option<Value>,
+    #[serde(default)]
+    before: Option<Value>,
+    #[serde(default)]
+    key: Option<Value>,
+    #[serde(default)]
+    topic: Option<Value>,
+    #[serde(default)]
+    updated: Option<Value>,
+    #[serde(default)]
+    resolved: Option<Value>,
+}
+
+/// Parses a request body. Unknown fields are ignored; what is needed and
+/// cannot be read is an error naming the row and field.
+pub fn parse_body(body: &[u8]) -> Result<Envelope, ParseError> {
+    let trimmed = body.trim_ascii();
+    if trimmed.is_empty() {
+        return Err(ParseError::Envelope("empty request body".into()));
+    }
+    // ndjson: several JSON objects, one per line (CockroachDB's cloud-storage style).
+    let envelope: RawEnvelope = match serde_json::from_slice(trimmed) {
+        Ok(e) => e,
+        Err(e) if e.is_data() => {
+            return Err(ParseError::Envelope(format!(
+                "request body must be a JSON object with \"payload\" or \"resolved\": {e}"
+            )))
+        }
+        Err(e) => {
+            if trimmed.contains(&b'\n') && serde_json::from_slice::<Value>(first_line(trimmed)).is_ok() {
+                return parse_ndjson(trimmed);
+            }
+            return Err(ParseError::json(&e));
+        }
+    };
+    if let Some(resolved) = envelope.resolved {
+        return Ok(Envelope::Resolved(parse_hlc("resolved", &resolved).map_err(ParseError::Envelope)?));
+    }
+    let Some(payload) = envelope.payload else {
+        return Err(ParseError::Envelope(
+            "request body has neither \"payload\" nor \"resolved\"".into(),
+        ));
+    };
+    if let Some(length) = envelope.length {
+        match length.as_u64() {
+            Some(n) if n as usize == payload.len() => {}
+            Some(n) => {
+                return Err(ParseError::Envelope(format!(
+                    "\"length\" is {n} but payload has {} rows",
+                    payload.len()
+                )))
+            }
+            None => return Err(ParseError::Envelope(format!("\"length\" must be a number, got {length}"))),
+        }
+    }
+    let mut rows = Vec::with_capacity(payload.len());
+    for (index, raw) in payload.into_iter().enumerate() {
+        let row: RawRow = serde_json::from_str(raw.get()).map_err(|e| ParseError::Row {
+            index,
+            message: e.to_string(),
+        })?;
+        if row.resolved.is_some() && row.updated.is_none() && row.after.is_none() {
+            // A resolved marker inside a payload carries no row.
+            continue;
+        }
+        rows.push(to_mutation(row).map_err(|message| ParseError::Row { index, message })?);
+    }
+    Ok(Envelope::Batch(rows))
+}
+
+fn first_line(b: &[u8]) -> &[u8] {
+    b.split(|c| *c == b'\n').next().unwrap_or(b)
+}
+
+fn parse_ndjson(body: &[u8]) -> Result<Envelope, ParseError> {
+    let mut rows = Vec::new();
+    let mut resolved = None;
+    for (i, line) in body.split(|c| *c == b'\n').enumerate() {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        let row: RawRow = serde_json::from_slice(line).map_err(|e| ParseError::Json {
+            line: i + 1,
+            column: e.column(),
+            message: e.to_string(),
+        })?;
+        if let (Some(r), None) = (&row.resolved, &row.updated) {
+            resolved = Some(parse_hlc("resolved", r).map_err(|message| ParseError::Row { index: i, message })?);
+            continue;
+        }
+        rows.push(to_mutation(row).map_err(|message| ParseError::Row { index: i, message })?);
+    }
+    match (rows.is_empty(), resolved) {
+        (true, Some(r)) => Ok(Envelope::Resolved(r)),
+        _ => Ok(Envelope::Batch(rows)),
+    }
+}
+
+fn parse_hlc(field: &str, v: &Value) -> Result<Hlc, String> {
+    match v {
+        Value::String(s) => s.parse().map_err(|e| format!("\"{field}\": {e}")),
+        other => Err(format!("\"{field}\" must be a string timestamp, got {other}")),
+    }
+}
+
+fn object(field: &str, v: Value) -> Result<Option<Document>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Object(m) => Ok(Some(m)),
+        other => Err(format!("\"{field}\" must be an object or null, got {other}")),
+    }
+}
+
+fn to_mutation(row: RawRow) -> Result<Mutation, String> {
+    let updated = match row.updated {
+        Some(v) => parse_hlc("updated", &v)?,
+        None => {
+            return Err(
+                "missing \"updated\": create the changefeed WITH updated so rows carry their time"
+                    .into(),
+            )
+        }
+    };
+    let after = match row.after {
+        Some(v) => object("after", v)?,
+        None => return Err("missing \"after\" (null for a delete)".into()),
+    };
+    let before = match row.before {
+        None => Before::Absent,
+        Some(v) => match object("before", v)? {
+            None => Before::Null,
+            Some(d) => Before::Row(d),
+        },
+    };
+    let key = match row.key {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => Some(a),
+        Some(other) => return Err(format!("\"key\" must be an array, got {other}")),
+    };
+    let topic = match row.topic {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(other) => return Err(format!("\"topic\" must be a string, got {other}")),
+    };
+    Ok(Mutation {
+        topic,
+        key,
+        after,
+        before,
+        updated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_batch_with_diff() {
+        let body = br#"{"payload":[{"after":{"k":1,"v":"\\x01"},"before":null,"key":[1],"topic":"kv","updated":"1700000000123456789.0000000001","mvcc_timestamp":"x"}],"length":1}"#;
+        let Envelope::Batch(rows) = parse_body(body).unwrap() else {
+            panic!()
+        };
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].topic.as_deref(), Some("kv"));
+        assert_eq!(rows[0].before, Before::Null);
+        assert_eq!(rows[0].updated, Hlc::new(1_700_000_000_123_456_789, 1));
+        assert_eq!(rows[0].after.as_ref().unwrap()["k"], serde_json::json!(1));
+    }
+
+    #[test]
+    fn parses_resolved() {
+        let body = br#"{"resolved":"1700000000123456789.0000000000"}"#;
+        assert_eq!(
+            parse_body(body).unwrap(),
+            Envelope::Resolved(Hlc::new(1_700_000_000_123_456_789, 0))
+        );
+    }
+
+    #[test]
+    fn delete_and_absent_before() {
+        let body = br#"{"payload":[{"after":null,"key":[1],"topic":"kv","updated":"5.0"}],"length":1}"#;
+        let Envelope::Batch(rows) = parse_body(body).unwrap() else {
+            panic!()
+        };
+        assert!(rows[0].is_delete());
+        assert_eq!(rows[0].before, Before::Absent);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = parse_body(b"{\"payload\": [").unwrap_err();
+        assert!(matches!(e, ParseError::Json { line: 1, .. }), "{e}");
+        let e = parse_body(br#"{"payload":[{"after":{},"topic":"kv"}]}"#).unwrap_err();
+        assert!(e.to_string().contains("payload[0]") && e.to_string().contains("updated"), "{e}");
+        let e = parse_body(br#"{"payload":[],"length":3}"#).unwrap_err();
+        assert!(e.to_string().contains("length"), "{e}");
+        let e = parse_body(br#"[1,2]"#).unwrap_err();
+        assert!(e.to_string().contains("JSON object"), "{e}");
+        let e = parse_body(br#"{"payload":[{"after":5,"updated":"1.0"}]}"#).unwrap_err();
+        assert!(e.to_string().contains("\"after\" must be an object"), "{e}");
+    }
+}
