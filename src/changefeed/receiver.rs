@@ -1,1 +1,889 @@
-//! The receive pipeline: a parsed batch through the userscript into the target.
+//! The receive pipeline: one request's batch through the userscript into the
+//! target, all or nothing.
+//!
+//! parse → dispatch (userscript) → per table: map, fold duplicate keys,
+//! deadlines → one database transaction: compare-and-set upserts and deletes,
+//! losers through the table's merge → DLQ | apply | drop → commit.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::Transaction;
+use serde_json::Value;
+
+use super::{parse_body, Before, Document, Envelope, Hlc, Mutation, ParseError};
+use crate::metrics::ReceiverMetrics;
+use crate::script::{
+    ApplyOp, ColumnInfo, Conflict, MergeKind, MergeOutcome, Routed, ScriptError, ScriptTx,
+    TableConfig, TableName, Userscript,
+};
+use crate::target::apply::{self, DlqEntry, TableBatch, WriteRules};
+use crate::target::merge::{three_way, ThreeWay};
+use crate::target::{TableSchema, Target, TargetError};
+
+/// Why a request was not applied. Mapped to an HTTP status in `server::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    #[error(transparent)]
+    Script(#[from] ScriptError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// The request asks for something meridian cannot route.
+    #[error("{0}")]
+    Route(String),
+}
+
+/// What a request did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Outcome {
+    pub upserts: u64,
+    pub deletes: u64,
+    pub conflicts: u64,
+    pub dlq: u64,
+    pub dropped: u64,
+    pub deadlined: u64,
+    pub resolved: Option<Hlc>,
+}
+
+/// Per-table counts, reported to metrics after commit.
+#[derive(Debug, Default, Clone)]
+struct TableStats {
+    upserts: u64,
+    deletes: u64,
+    conflicts: u64,
+    dlq: u64,
+    dropped: u64,
+    deadlined: u64,
+    ages: Vec<f64>,
+}
+
+/// Receives changefeed requests for one target.
+pub struct Receiver {
+    pub target: Arc<Target>,
+    pub script: Userscript,
+    pub metrics: ReceiverMetrics,
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl Receiver {
+    pub fn new(target: Arc<Target>, script: Userscript, metrics: ReceiverMetrics) -> Self {
+        Receiver {
+            target,
+            script,
+            metrics,
+        }
+    }
+
+    /// Handles one request body for `/{database}/{schema}[/{table}]`.
+    pub async fn receive(
+        &self,
+        database: &str,
+        schema: &str,
+        table: Option<&str>,
+        body: &[u8],
+    ) -> Result<Outcome, ReceiveError> {
+        match parse_body(body)? {
+            Envelope::Resolved(hlc) => {
+                self.metrics
+                    .resolved_timestamp
+                    .with_label_values(&[schema])
+                    .set(hlc.nanos / 1_000_000_000);
+                Ok(Outcome {
+                    resolved: Some(hlc),
+                    ..Outcome::default()
+                })
+            }
+            Envelope::Batch(rows) => self.apply_batch(database, schema, table, rows).await,
+        }
+    }
+
+    /// Routes and applies a batch in one transaction.
+    pub async fn apply_batch(
+        &self,
+        database: &str,
+        schema: &str,
+        table: Option<&str>,
+        rows: Vec<Mutation>,
+    ) -> Result<Outcome, ReceiveError> {
+        let incoming = rows.len() as u64;
+        let started = Instant::now();
+        let routed = self.script.dispatch(database, schema, table, rows).await?;
+        self.metrics
+            .script_duration
+            .with_label_values(&["dispatch"])
+            .observe(started.elapsed().as_secs_f64());
+        let dispatched_away = incoming.saturating_sub(routed.len() as u64);
+        if dispatched_away > 0 && self.script.is_loaded() {
+            self.metrics
+                .apply_dropped
+                .with_label_values(&[schema, "(dispatch)"])
+                .inc_by(dispatched_away);
+        }
+        let mut by_table: BTreeMap<TableName, Vec<Mutation>> = BTreeMap::new();
+        for Routed { table, mutation } in routed {
+            by_table.entry(table).or_default().push(mutation);
+        }
+        for (t, muts) in by_table.iter_mut() {
+            if t.database != database {
+                return Err(ReceiveError::Route(format!(
+                    "rows for {t} are in another database than the request's ({database}); \
+                     one request applies to one database"
+                )));
+            }
+            let started = Instant::now();
+            *muts = self.script.map(t, std::mem::take(muts)).await?;
+            if self.script.config().table(t).is_some_and(|c| c.has_map) {
+                self.metrics
+                    .script_duration
+                    .with_label_values(&["map"])
+                    .observe(started.elapsed().as_secs_f64());
+            }
+        }
+        if by_table.is_empty() {
+            return Ok(Outcome {
+                dropped: dispatched_away,
+                ..Outcome::default()
+            });
+        }
+        // A schema change shows up as an unknown column or table: read the
+        // schema again and run the whole transaction once more.
+        let mut attempt = 0;
+        let stats = loop {
+            let timeout = self.target.options.apply_timeout;
+            let run = tokio::time::timeout(timeout, self.apply_tables(database, &by_table)).await;
+            match run {
+                Err(_) => {
+                    self.count_error(schema, &by_table);
+                    return Err(TargetError::Timeout(timeout).into());
+                }
+                Ok(Ok(stats)) => break stats,
+                Ok(Err(e)) if attempt == 0 && schema_may_be_stale(&e) => {
+                    for t in by_table.keys() {
+                        self.target.schemas.invalidate(t);
+                    }
+                    attempt += 1;
+                }
+                Ok(Err(e)) => {
+                    self.count_error(schema, &by_table);
+                    return Err(e);
+                }
+            }
+        };
+        let mut outcome = Outcome {
+            dropped: dispatched_away,
+            ..Outcome::default()
+        };
+        for (t, s) in &stats {
+            let l = [t.schema.as_str(), t.table.as_str()];
+            let m = &self.metrics;
+            m.apply_upserts.with_label_values(&l).inc_by(s.upserts);
+            m.apply_deletes.with_label_values(&l).inc_by(s.deletes);
+            m.apply_conflicts.with_label_values(&l).inc_by(s.conflicts);
+            m.dlq_enqueued.with_label_values(&l).inc_by(s.dlq);
+            m.apply_dropped.with_label_values(&l).inc_by(s.dropped);
+            m.apply_deadlined.with_label_values(&l).inc_by(s.deadlined);
+            let age = m.apply_mutation_age.with_label_values(&l);
+            for a in &s.ages {
+                age.observe(*a);
+            }
+            m.apply_duration
+                .with_label_values(&l)
+                .observe(started.elapsed().as_secs_f64());
+            outcome.upserts += s.upserts;
+            outcome.deletes += s.deletes;
+            outcome.conflicts += s.conflicts;
+            outcome.dlq += s.dlq;
+            outcome.dropped += s.dropped;
+            outcome.deadlined += s.deadlined;
+        }
+        Ok(outcome)
+    }
+
+    fn count_error(&self, schema: &str, tables: &BTreeMap<TableName, Vec<Mutation>>) {
+        for t in tables.keys() {
+            self.metrics
+                .apply_errors
+                .with_label_values(&[schema, t.table.as_str()])
+                .inc();
+        }
+    }
+
+    async fn apply_tables(
+        &self,
+        database: &str,
+        tables: &BTreeMap<TableName, Vec<Mutation>>,
+    ) -> Result<Vec<(TableName, TableStats)>, ReceiveError> {
+        let mut conn = self.target.connect(database).await?;
+        let tx = conn
+            .build_transaction()
+            .start()
+            .await
+            .map_err(TargetError::db)?;
+        // Marks the transaction as meridian's, so the stamping trigger of
+        // sql/postgres/setup.sql leaves _source and _timestamp as they came.
+        let timeout_ms = self.target.options.apply_timeout.as_millis().max(1);
+        tx.batch_execute(&format!(
+            "SELECT set_config('meridian.applying', 'on', true); SET LOCAL statement_timeout = {timeout_ms}"
+        ))
+        .await
+        .map_err(TargetError::db)?;
+        let mut all = Vec::with_capacity(tables.len());
+        for (name, muts) in tables {
+            let schema = self.target.schemas.get(&*tx, name).await?;
+            let cfg = self.script.config().table(name).cloned().unwrap_or_default();
+            let mut stats = TableStats::default();
+            let muts = fold_duplicates(&schema, muts.clone())?;
+            let muts = apply_deadlines(&schema, &cfg, muts, &mut stats)?;
+            if cfg.has_apply {
+                let ops = muts.iter().map(to_op).collect::<Result<Vec<_>, _>>()?;
+                let updated = muts.iter().map(|m| m.updated).max().unwrap_or_default();
+                let started = Instant::now();
+                let mut bridge = TxBridge {
+                    receiver: self,
+                    tx: &tx,
+                    schema: schema.clone(),
+                    cfg: &cfg,
+                    updated,
+                    stats: &mut stats,
+                };
+                self.script.apply(name, ops, &mut bridge).await?;
+                self.metrics
+                    .script_duration
+                    .with_label_values(&["apply"])
+                    .observe(started.elapsed().as_secs_f64());
+            } else {
+                self.apply_standard(&tx, &schema, &cfg, muts, &mut stats)
+                    .await?;
+            }
+            all.push((name.clone(), stats));
+        }
+        tx.commit().await.map_err(TargetError::db)?;
+        Ok(all)
+    }
+
+    /// Applies one table's mutations the standard way: compare-and-set on the
+    /// table's CAS columns, losers through its merge.
+    async fn apply_standard(
+        &self,
+        tx: &Transaction<'_>,
+        schema: &TableSchema,
+        cfg: &TableConfig,
+        muts: Vec<Mutation>,
+        stats: &mut TableStats,
+    ) -> Result<(), ReceiveError> {
+        let rules = write_rules(cfg);
+        let cas = cas_columns(schema, cfg)?;
+        let now = now_nanos();
+        let (upserts, deletes): (Vec<Mutation>, Vec<Mutation>) =
+            muts.into_iter().partition(|m| !m.is_delete());
+
+        // Upserts.
+        let docs: Vec<(usize, &Document)> = upserts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i, m.after.as_ref().expect("upserts have after")))
+            .collect();
+        let mut losers: Vec<usize> = Vec::new();
+        for batch in apply::prepare(schema, &docs, &rules)? {
+            for &c in &cas {
+                if !batch.columns.contains(&c) {
+                    return Err(ReceiveError::Route(format!(
+                        "table {}: compare-and-set column {:?} is missing from the row",
+                        schema.name, schema.columns[c].name
+                    )));
+                }
+            }
+            let lost = apply::upsert(tx, schema, &batch, &cas, &rules).await?;
+            stats.upserts += (batch.len() - lost.len()) as u64;
+            losers.extend(lost);
+        }
+        for m in &upserts {
+            stats.ages.push((now - m.updated.nanos).max(0) as f64 / 1e9);
+        }
+
+        // Deletes: a delete whose row never existed at the source is dropped.
+        let mut del: Vec<(usize, Vec<Value>)> = Vec::new();
+        let mut del_muts: Vec<&Mutation> = Vec::new();
+        for m in &deletes {
+            if m.before == Before::Null {
+                stats.dropped += 1;
+                continue;
+            }
+            del.push((del_muts.len(), key_of(schema, m)?));
+            del_muts.push(m);
+        }
+        let mut delete_conflicts: Vec<usize> = Vec::new();
+        if !del.is_empty() {
+            let keys = apply::prepare_keys(schema, &del)?;
+            if cas.is_empty() {
+                apply::delete(tx, schema, &keys, &[], &keys).await?;
+                stats.deletes += del.len() as u64;
+            } else {
+                // Without a `before` there is nothing to compare: a conflict.
+                let (known, unknown): (Vec<usize>, Vec<usize>) =
+                    (0..del_muts.len()).partition(|&i| del_muts[i].before.row().is_some());
+                delete_conflicts.extend(unknown);
+                if !known.is_empty() {
+                    let keys = select_rows(&keys, &known);
+                    let befores: Vec<(usize, Option<&Document>)> =
+                        known.iter().map(|&i| (i, del_muts[i].before.row())).collect();
+                    let (cas_values, _) = batch_for_columns(schema, &befores, &cas)?;
+                    let lost = apply::delete(tx, schema, &keys, &cas, &cas_values).await?;
+                    stats.deletes += (known.len() - lost.len()) as u64;
+                    delete_conflicts.extend(lost);
+                }
+            }
+            for m in &del_muts {
+                stats.ages.push((now - m.updated.nanos).max(0) as f64 / 1e9);
+            }
+        }
+
+        if !losers.is_empty() {
+            let muts: Vec<&Mutation> = losers.iter().map(|&i| &upserts[i]).collect();
+            self.resolve_conflicts(tx, schema, cfg, &rules, &muts, stats)
+                .await?;
+        }
+        if !delete_conflicts.is_empty() {
+            delete_conflicts.sort_unstable();
+            let muts: Vec<&Mutation> = delete_conflicts.iter().map(|&i| del_muts[i]).collect();
+            self.resolve_conflicts(tx, schema, cfg, &rules, &muts, stats)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes rows that lost compare-and-set through the table's merge.
+    async fn resolve_conflicts(
+        &self,
+        tx: &Transaction<'_>,
+        schema: &TableSchema,
+        cfg: &TableConfig,
+        rules: &WriteRules,
+        muts: &[&Mutation],
+        stats: &mut TableStats,
+    ) -> Result<(), ReceiveError> {
+        let keys: Vec<(usize, Vec<Value>)> = muts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| key_of(schema, m).map(|k| (i, k)))
+            .collect::<Result<_, _>>()?;
+        let keys = apply::prepare_keys(schema, &keys)?;
+        let proposed_docs: Vec<(usize, Option<&Document>)> = muts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i, m.after.as_ref()))
+            .collect();
+        let is_delete = muts.iter().all(|m| m.is_delete());
+        let columns: Vec<usize> = if is_delete {
+            writable_columns(schema)
+        } else {
+            // The columns the proposed rows carry (a batch shares one set).
+            let docs: Vec<(usize, &Document)> = proposed_docs
+                .iter()
+                .filter_map(|(i, d)| d.map(|d| (*i, d)))
+                .collect();
+            apply::prepare(schema, &docs, rules)?
+                .first()
+                .map(|b| b.columns.clone())
+                .unwrap_or_default()
+        };
+        let (proposed, _) = batch_for_columns(schema, &proposed_docs, &columns)?;
+        let before_docs: Vec<(usize, Option<&Document>)> = muts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i, m.before.row()))
+            .collect();
+        let before_cols: Vec<usize> = columns
+            .iter()
+            .copied()
+            .filter(|&c| {
+                before_docs
+                    .iter()
+                    .any(|(_, d)| d.is_some_and(|d| d.contains_key(&schema.columns[c].name)))
+            })
+            .collect();
+        let (before, has_before) = batch_for_columns(schema, &before_docs, &before_cols)?;
+        let losers = apply::fetch_losers(
+            tx,
+            schema,
+            &keys,
+            (!is_delete).then_some(&proposed),
+            Some((&before, &has_before)),
+            rules,
+        )
+        .await?;
+
+        let mut to_write: Vec<Document> = Vec::new();
+        let mut for_script: Vec<(usize, Conflict)> = Vec::new();
+        let mut dlq: Vec<DlqEntry> = Vec::new();
+        for loser in losers {
+            let m = muts[loser.ord];
+            let Some(stored) = loser.stored else {
+                // The stored row went away after the check: nothing to lose to.
+                if let Some(after) = &m.after {
+                    to_write.push(after.clone());
+                    stats.upserts += 1;
+                }
+                continue;
+            };
+            let merged = match &loser.proposed {
+                Some(p) => three_way(loser.before.as_ref(), p, &stored),
+                None => ThreeWay::Unmerged(
+                    cfg.cas.clone(), // a delete of a newer row cannot merge
+                ),
+            };
+            if merged == ThreeWay::Unchanged {
+                // Already applied (a replayed request): not a conflict.
+                continue;
+            }
+            stats.conflicts += 1;
+            let conflict = |unmerged: Vec<String>| Conflict {
+                before: loser.before.clone(),
+                proposed: m.after.clone(),
+                target: stored.clone(),
+                unmerged,
+                nanos: m.updated.nanos,
+                logical: m.updated.logical,
+            };
+            match (&cfg.merge, merged) {
+                (None, _) => stats.dropped += 1,
+                (Some(MergeKind::Standard { .. }), ThreeWay::Merged(doc)) => to_write.push(doc),
+                (Some(MergeKind::Standard { has_fallback: true }), ThreeWay::Unmerged(cols)) => {
+                    for_script.push((loser.ord, conflict(cols)))
+                }
+                (Some(MergeKind::Standard { has_fallback: false }), ThreeWay::Unmerged(cols)) => {
+                    let key = schema
+                        .pk_columns()
+                        .map(|c| stored.get(&c.name).cloned().unwrap_or(Value::Null).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(TargetError::Unmerged {
+                        table: schema.name.clone(),
+                        key: format!("[{key}]"),
+                        columns: cols.join(", "),
+                    }
+                    .into());
+                }
+                (Some(MergeKind::Custom), _) => for_script.push((loser.ord, conflict(Vec::new()))),
+                (Some(_), ThreeWay::Unchanged) => unreachable!("handled above"),
+            }
+        }
+        if !for_script.is_empty() {
+            let started = Instant::now();
+            let (ords, conflicts): (Vec<usize>, Vec<Conflict>) = for_script.into_iter().unzip();
+            let outcomes = self.script.merge(&schema.name, conflicts).await?;
+            self.metrics
+                .script_duration
+                .with_label_values(&["merge"])
+                .observe(started.elapsed().as_secs_f64());
+            if outcomes.len() != ords.len() {
+                return Err(ScriptError::Invalid(format!(
+                    "merge for {} returned {} results for {} conflicts",
+                    schema.name,
+                    outcomes.len(),
+                    ords.len()
+                ))
+                .into());
+            }
+            for (ord, outcome) in ords.into_iter().zip(outcomes) {
+                let m = muts[ord];
+                match outcome {
+                    MergeOutcome::Apply(doc) => to_write.push(doc),
+                    MergeOutcome::Drop => stats.dropped += 1,
+                    MergeOutcome::Dlq(name) => dlq.push(DlqEntry {
+                        dlq_name: name,
+                        source_nanos: m.updated.nanos,
+                        source_logical: m.updated.logical as i64,
+                        data_after: m.after.clone().map(Value::Object).unwrap_or(Value::Null),
+                        data_before: m.before.to_json(),
+                    }),
+                }
+            }
+        }
+        if !to_write.is_empty() {
+            let docs: Vec<(usize, &Document)> = to_write.iter().enumerate().collect();
+            for batch in apply::prepare(schema, &docs, rules)? {
+                apply::upsert(tx, schema, &batch, &[], rules).await?;
+            }
+        }
+        stats.dlq += dlq.len() as u64;
+        apply::write_dlq(
+            tx,
+            &schema.name.schema,
+            &self.target.options.dlq_table,
+            &dlq,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn schema_may_be_stale(e: &ReceiveError) -> bool {
+    match e {
+        ReceiveError::Target(TargetError::UnknownColumn { .. })
+        | ReceiveError::Target(TargetError::UnknownTable(_)) => true,
+        ReceiveError::Target(t) => matches!(t.code(), Some("42703") | Some("42P01") | Some("0A000")),
+        _ => false,
+    }
+}
+
+fn write_rules(cfg: &TableConfig) -> WriteRules {
+    WriteRules {
+        ignore: cfg.ignore.clone(),
+        extras: cfg.extras.clone(),
+        exprs: cfg.exprs.clone(),
+    }
+}
+
+fn cas_columns(schema: &TableSchema, cfg: &TableConfig) -> Result<Vec<usize>, ReceiveError> {
+    cfg.cas
+        .iter()
+        .map(|name| {
+            schema.column(name).map(|(i, _)| i).ok_or_else(|| {
+                TargetError::UnknownColumn {
+                    table: schema.name.clone(),
+                    column: name.clone(),
+                }
+                .into()
+            })
+        })
+        .collect()
+}
+
+fn writable_columns(schema: &TableSchema) -> Vec<usize> {
+    (0..schema.columns.len())
+        .filter(|&i| !schema.columns[i].generated)
+        .collect()
+}
+
+/// The primary key of a mutation: its `after`, else its `key`, else its `before`.
+fn key_of(schema: &TableSchema, m: &Mutation) -> Result<Vec<Value>, ReceiveError> {
+    let from_doc = |d: &Document| -> Option<Vec<Value>> {
+        schema
+            .pk_columns()
+            .map(|c| d.get(&c.name).filter(|v| !v.is_null()).cloned())
+            .collect()
+    };
+    if let Some(k) = m.after.as_ref().and_then(from_doc) {
+        return Ok(k);
+    }
+    if let Some(k) = &m.key {
+        if k.len() == schema.pk.len() {
+            return Ok(k.clone());
+        }
+    }
+    if let Some(k) = m.before.row().and_then(from_doc) {
+        return Ok(k);
+    }
+    Err(TargetError::MissingKey {
+        table: schema.name.clone(),
+        column: schema.pk_columns().next().map(|c| c.name.clone()).unwrap_or_default(),
+    }
+    .into())
+}
+
+/// Several versions of one key in a request fold to the one with the highest
+/// `updated` (then the last), so each key is written once.
+fn fold_duplicates(schema: &TableSchema, muts: Vec<Mutation>) -> Result<Vec<Mutation>, ReceiveError> {
+    if muts.len() < 2 {
+        return Ok(muts);
+    }
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut out: Vec<Mutation> = Vec::with_capacity(muts.len());
+    for m in muts {
+        let key = serde_json::to_string(&key_of(schema, &m)?).unwrap_or_default();
+        match index.get(&key) {
+            Some(&i) if out[i].updated > m.updated => {}
+            Some(&i) => out[i] = m,
+            None => {
+                index.insert(key, out.len());
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Drops upserts whose deadline column is older than now minus its duration.
+fn apply_deadlines(
+    schema: &TableSchema,
+    cfg: &TableConfig,
+    muts: Vec<Mutation>,
+    stats: &mut TableStats,
+) -> Result<Vec<Mutation>, ReceiveError> {
+    if cfg.deadlines.is_empty() {
+        return Ok(muts);
+    }
+    let now = chrono::Utc::now();
+    let mut kept = Vec::with_capacity(muts.len());
+    'rows: for m in muts {
+        if let Some(after) = &m.after {
+            for (col, within) in &cfg.deadlines {
+                let Some(v) = after.get(col).filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                let ts = parse_timestamp(v).ok_or_else(|| TargetError::BadDeadline {
+                    table: schema.name.clone(),
+                    column: col.clone(),
+                    value: v.to_string(),
+                })?;
+                let limit = now - chrono::Duration::from_std(*within).unwrap_or(chrono::Duration::MAX);
+                if ts < limit {
+                    stats.deadlined += 1;
+                    continue 'rows;
+                }
+            }
+        }
+        kept.push(m);
+    }
+    Ok(kept)
+}
+
+fn parse_timestamp(v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
+    let s = v.as_str()?;
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&chrono::Utc));
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+        if let Ok(t) = chrono::DateTime::parse_from_str(s, f) {
+            return Some(t.with_timezone(&chrono::Utc));
+        }
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, f) {
+            return Some(t.and_utc());
+        }
+    }
+    None
+}
+
+/// Converts documents over a fixed column list (missing properties are NULL);
+/// also returns which rows had a document at all.
+fn batch_for_columns(
+    schema: &TableSchema,
+    docs: &[(usize, Option<&Document>)],
+    columns: &[usize],
+) -> Result<(TableBatch, Vec<bool>), ReceiveError> {
+    let mut values = vec![Vec::with_capacity(docs.len()); columns.len()];
+    let mut present = Vec::with_capacity(docs.len());
+    for (_, doc) in docs {
+        present.push(doc.is_some());
+        for (n, &c) in columns.iter().enumerate() {
+            let col = &schema.columns[c];
+            let v = match doc.and_then(|d| d.get(&col.name)) {
+                Some(v) => crate::target::convert::to_sql_text(col, v).map_err(|source| {
+                    TargetError::Convert {
+                        table: schema.name.clone(),
+                        source,
+                    }
+                })?,
+                None => None,
+            };
+            values[n].push(v);
+        }
+    }
+    Ok((
+        TableBatch {
+            ords: docs.iter().map(|(i, _)| *i).collect(),
+            columns: columns.to_vec(),
+            values,
+        },
+        present,
+    ))
+}
+
+/// The rows of `batch` at positions `rows`.
+fn select_rows(batch: &TableBatch, rows: &[usize]) -> TableBatch {
+    TableBatch {
+        ords: rows.iter().map(|&r| batch.ords[r]).collect(),
+        columns: batch.columns.clone(),
+        values: batch
+            .values
+            .iter()
+            .map(|col| rows.iter().map(|&r| col[r].clone()).collect())
+            .collect(),
+    }
+}
+
+fn to_op(m: &Mutation) -> Result<ApplyOp, ReceiveError> {
+    Ok(match &m.after {
+        Some(after) => ApplyOp::Upsert {
+            data: after.clone(),
+            before: m.before.row().cloned(),
+        },
+        None => ApplyOp::Delete {
+            pk: m.key.clone().unwrap_or_default(),
+            before: m.before.row().cloned(),
+        },
+    })
+}
+
+/// `getTX()` for a script's `apply` function: the request's transaction.
+struct TxBridge<'a, 't> {
+    receiver: &'a Receiver,
+    tx: &'a Transaction<'t>,
+    schema: Arc<TableSchema>,
+    cfg: &'a TableConfig,
+    updated: Hlc,
+    stats: &'a mut TableStats,
+}
+
+#[async_trait::async_trait]
+impl ScriptTx for TxBridge<'_, '_> {
+    async fn exec(&mut self, sql: &str, args: Vec<Value>) -> Result<u64, String> {
+        let stmt = self.tx.prepare(sql).await.map_err(|e| db_message(&e))?;
+        let params = bind_args(stmt.params(), &args)?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        self.tx
+            .execute(&stmt, &refs)
+            .await
+            .map_err(|e| db_message(&e))
+    }
+
+    async fn query(&mut self, sql: &str, args: Vec<Value>) -> Result<Vec<Vec<Value>>, String> {
+        let stmt = self.tx.prepare(sql).await.map_err(|e| db_message(&e))?;
+        let params = bind_args(stmt.params(), &args)?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        let rows = self
+            .tx
+            .query(&stmt, &refs)
+            .await
+            .map_err(|e| db_message(&e))?;
+        rows.iter().map(row_to_json).collect()
+    }
+
+    async fn apply(&mut self, ops: Vec<ApplyOp>) -> Result<(), String> {
+        let muts: Vec<Mutation> = ops
+            .into_iter()
+            .map(|op| match op {
+                ApplyOp::Upsert { data, before } => Mutation {
+                    topic: None,
+                    key: None,
+                    after: Some(data),
+                    before: before.map(Before::Row).unwrap_or(Before::Absent),
+                    updated: self.updated,
+                },
+                ApplyOp::Delete { pk, before } => Mutation {
+                    topic: None,
+                    key: Some(pk),
+                    after: None,
+                    before: before.map(Before::Row).unwrap_or(Before::Absent),
+                    updated: self.updated,
+                },
+            })
+            .collect();
+        let muts = fold_duplicates(&self.schema, muts).map_err(|e| e.to_string())?;
+        self.receiver
+            .apply_standard(self.tx, &self.schema, self.cfg, muts, self.stats)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn columns(&self) -> Vec<ColumnInfo> {
+        self.schema
+            .columns
+            .iter()
+            .map(|c| ColumnInfo {
+                name: c.name.clone(),
+                sql_type: c.sql_type.clone(),
+                primary: c.pk_position.is_some(),
+                ignored: c.generated || self.cfg.ignore.contains(&c.name),
+            })
+            .collect()
+    }
+
+    fn schema(&self) -> String {
+        format!("{}.{}", self.schema.name.database, self.schema.name.schema)
+    }
+
+    fn table(&self) -> String {
+        self.schema.name.to_string()
+    }
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    }
+}
+
+type Param = Box<dyn tokio_postgres::types::ToSql + Sync + Send>;
+
+/// Binds JSON arguments to a statement's parameter types.
+fn bind_args(types: &[tokio_postgres::types::Type], args: &[Value]) -> Result<Vec<Param>, String> {
+    use tokio_postgres::types::Type;
+    if types.len() != args.len() {
+        return Err(format!(
+            "statement has {} parameters but {} arguments were given",
+            types.len(),
+            args.len()
+        ));
+    }
+    types
+        .iter()
+        .zip(args)
+        .enumerate()
+        .map(|(i, (t, v))| {
+            let bad = || format!("argument {} ({v}) does not fit parameter type {t}; cast the parameter, e.g. ${}::text", i + 1, i + 1);
+            let p: Param = match *t {
+                Type::INT2 => Box::new(v.as_i64().map(|x| x as i16).ok_or_else(bad)?),
+                Type::INT4 => Box::new(v.as_i64().map(|x| x as i32).ok_or_else(bad)?),
+                Type::INT8 => Box::new(v.as_i64().ok_or_else(bad)?),
+                Type::FLOAT4 => Box::new(v.as_f64().map(|x| x as f32).ok_or_else(bad)?),
+                Type::FLOAT8 => Box::new(v.as_f64().ok_or_else(bad)?),
+                Type::BOOL => Box::new(v.as_bool().ok_or_else(bad)?),
+                Type::JSON | Type::JSONB => Box::new(v.clone()),
+                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+                    Box::new(match v {
+                        Value::Null => None,
+                        Value::String(s) => Some(s.clone()),
+                        other => Some(other.to_string()),
+                    })
+                }
+                _ => return Err(bad()),
+            };
+            Ok(p)
+        })
+        .collect()
+}
+
+/// One result row as JSON values (common types; others as text when possible).
+fn row_to_json(row: &tokio_postgres::Row) -> Result<Vec<Value>, String> {
+    use tokio_postgres::types::Type;
+    (0..row.len())
+        .map(|i| {
+            let t = row.columns()[i].type_();
+            let v = match *t {
+                Type::INT2 => row.get::<_, Option<i16>>(i).map(Value::from),
+                Type::INT4 => row.get::<_, Option<i32>>(i).map(Value::from),
+                Type::INT8 => row.get::<_, Option<i64>>(i).map(Value::from),
+                Type::FLOAT4 => row.get::<_, Option<f32>>(i).map(|f| Value::from(f as f64)),
+                Type::FLOAT8 => row.get::<_, Option<f64>>(i).map(Value::from),
+                Type::BOOL => row.get::<_, Option<bool>>(i).map(Value::from),
+                Type::JSON | Type::JSONB => row.get::<_, Option<Value>>(i),
+                _ => match row.try_get::<_, Option<String>>(i) {
+                    Ok(s) => s.map(Value::from),
+                    Err(_) => {
+                        return Err(format!(
+                            "column {} has type {t}; cast it to text in the query",
+                            row.columns()[i].name()
+                        ))
+                    }
+                },
+            };
+            Ok(v.unwrap_or(Value::Null))
+        })
+        .collect()
+}

@@ -1,0 +1,550 @@
+//! The one path that builds and runs apply SQL.
+//!
+//! Rows travel as one `text[]` per column through `unnest` and are cast to the
+//! column types on the server: one statement per table and kind, however many
+//! rows, with no bind-parameter ceiling. Compare-and-set is a single statement
+//! (`INSERT … ON CONFLICT … DO UPDATE … WHERE cas > stored`) that locks and
+//! re-checks the stored row, so a concurrent local write cannot slip between
+//! the check and the write; rows the statement did not write are returned as
+//! losers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use deadpool_postgres::Transaction;
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+
+use super::convert::to_sql_text;
+use super::schema::TableSchema;
+use super::sql::quote_ident;
+use super::TargetError;
+use crate::changefeed::Document;
+
+/// How documents map onto columns (from the userscript's `configureTable`).
+#[derive(Debug, Clone, Default)]
+pub struct WriteRules {
+    /// Properties never written.
+    pub ignore: Vec<String>,
+    /// A JSONB column collecting properties that match no column.
+    pub extras: Option<String>,
+    /// SQL expressions by column; `$0` is the incoming value.
+    pub exprs: BTreeMap<String, String>,
+}
+
+/// Rows for one table sharing one set of columns, column-major.
+#[derive(Debug, Clone)]
+pub struct TableBatch {
+    /// The caller's index of each row.
+    pub ords: Vec<usize>,
+    /// Indexes into the schema's columns, in table order.
+    pub columns: Vec<usize>,
+    /// `values[c][r]`: column `c`'s input text for row `r` (None is NULL).
+    pub values: Vec<Vec<Option<String>>>,
+}
+
+impl TableBatch {
+    pub fn len(&self) -> usize {
+        self.ords.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ords.is_empty()
+    }
+}
+
+/// Converts documents into batches, one per distinct set of columns (a
+/// changefeed sends every column, so there is normally one). Unknown
+/// properties are an error unless ignored or collected into `extras`.
+pub fn prepare(
+    schema: &TableSchema,
+    docs: &[(usize, &Document)],
+    rules: &WriteRules,
+) -> Result<Vec<TableBatch>, TargetError> {
+    let extras_idx = match &rules.extras {
+        Some(name) => Some(schema.column(name).map(|(i, _)| i).ok_or_else(|| {
+            TargetError::UnknownColumn {
+                table: schema.name.clone(),
+                column: name.clone(),
+            }
+        })?),
+        None => None,
+    };
+    let mut groups: Vec<(Vec<usize>, TableBatch)> = Vec::new();
+    let mut by_cols: HashMap<Vec<usize>, usize> = HashMap::new();
+    for &(ord, doc) in docs {
+        let mut row: Vec<(usize, Option<String>)> = Vec::with_capacity(doc.len());
+        let mut extras = serde_json::Map::new();
+        for (prop, value) in doc {
+            if rules.ignore.iter().any(|i| i == prop) {
+                continue;
+            }
+            match schema.column(prop) {
+                Some((_, col)) if col.generated => continue,
+                Some((i, col)) => {
+                    let text = to_sql_text(col, value).map_err(|source| TargetError::Convert {
+                        table: schema.name.clone(),
+                        source,
+                    })?;
+                    row.push((i, text));
+                }
+                None if extras_idx.is_some() => {
+                    extras.insert(prop.clone(), value.clone());
+                }
+                None => {
+                    return Err(TargetError::UnknownColumn {
+                        table: schema.name.clone(),
+                        column: prop.clone(),
+                    })
+                }
+            }
+        }
+        if let Some(i) = extras_idx {
+            if !extras.is_empty() {
+                row.retain(|(c, _)| *c != i);
+                row.push((i, Some(Value::Object(extras).to_string())));
+            }
+        }
+        row.sort_by_key(|(i, _)| *i);
+        for &pk in &schema.pk {
+            if !row.iter().any(|(i, v)| *i == pk && v.is_some()) {
+                return Err(TargetError::MissingKey {
+                    table: schema.name.clone(),
+                    column: schema.columns[pk].name.clone(),
+                });
+            }
+        }
+        let cols: Vec<usize> = row.iter().map(|(i, _)| *i).collect();
+        let g = *by_cols.entry(cols.clone()).or_insert_with(|| {
+            groups.push((
+                cols.clone(),
+                TableBatch {
+                    ords: Vec::new(),
+                    columns: cols.clone(),
+                    values: vec![Vec::new(); cols.len()],
+                },
+            ));
+            groups.len() - 1
+        });
+        let batch = &mut groups[g].1;
+        batch.ords.push(ord);
+        for (c, (_, v)) in row.into_iter().enumerate() {
+            batch.values[c].push(v);
+        }
+    }
+    Ok(groups.into_iter().map(|(_, b)| b).collect())
+}
+
+/// Builds the primary-key-only batch that identifies rows to delete.
+pub fn prepare_keys(
+    schema: &TableSchema,
+    keys: &[(usize, Vec<Value>)],
+) -> Result<TableBatch, TargetError> {
+    let mut values = vec![Vec::with_capacity(keys.len()); schema.pk.len()];
+    for (_, key) in keys {
+        if key.len() != schema.pk.len() {
+            return Err(TargetError::MissingKey {
+                table: schema.name.clone(),
+                column: schema.columns[schema.pk[key.len().min(schema.pk.len() - 1)]]
+                    .name
+                    .clone(),
+            });
+        }
+        for (k, &pk) in schema.pk.iter().enumerate() {
+            let col = &schema.columns[pk];
+            let text = to_sql_text(col, &key[k]).map_err(|source| TargetError::Convert {
+                table: schema.name.clone(),
+                source,
+            })?;
+            if text.is_none() {
+                return Err(TargetError::MissingKey {
+                    table: schema.name.clone(),
+                    column: col.name.clone(),
+                });
+            }
+            values[k].push(text);
+        }
+    }
+    Ok(TableBatch {
+        ords: keys.iter().map(|(o, _)| *o).collect(),
+        columns: schema.pk.clone(),
+        values,
+    })
+}
+
+fn table_ref(schema: &TableSchema) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(&schema.name.schema),
+        quote_ident(&schema.name.table)
+    )
+}
+
+/// `unnest($1::int4[], $2::text[], …) AS u(o, c0, c1, …)` and the typed
+/// select list `(u.c0)::bigint AS "k", …` for `columns`, with parameters
+/// numbered from `first_param`.
+fn unnest_source(
+    schema: &TableSchema,
+    columns: &[usize],
+    rules: &WriteRules,
+    prefix: &str,
+    first_param: usize,
+) -> (Vec<String>, Vec<String>) {
+    let mut arrays = Vec::new();
+    let mut select = Vec::new();
+    for (n, &ci) in columns.iter().enumerate() {
+        let col = &schema.columns[ci];
+        arrays.push(format!("${}::text[]", first_param + n));
+        let raw = format!("(u.{prefix}{n})::{}", col.sql_type);
+        let value = match rules.exprs.get(&col.name) {
+            Some(expr) => format!("({})::{}", expr.replace("$0", &raw), col.sql_type),
+            None => raw,
+        };
+        select.push(format!("{value} AS {}", quote_ident(&col.name)));
+    }
+    (arrays, select)
+}
+
+fn aliases(prefix: &str, n: usize) -> String {
+    (0..n).map(|i| format!(", {prefix}{i}")).collect()
+}
+
+fn pk_match(schema: &TableSchema, left: &str, right: &str) -> String {
+    schema
+        .pk_columns()
+        .map(|c| {
+            let q = quote_ident(&c.name);
+            format!("{left}.{q} = {right}.{q}")
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+fn tuple(schema: &TableSchema, alias: &str, cols: &[usize]) -> String {
+    let parts: Vec<String> = cols
+        .iter()
+        .map(|&i| format!("{alias}.{}", quote_ident(&schema.columns[i].name)))
+        .collect();
+    format!("ROW({})", parts.join(", "))
+}
+
+/// The upsert statement for `batch`'s columns; with `cas`, only rows whose
+/// CAS tuple is strictly greater than the stored one (or with no stored row)
+/// are written, and the statement returns the ordinals of the rows it did not write.
+pub fn upsert_sql(schema: &TableSchema, columns: &[usize], cas: &[usize], rules: &WriteRules) -> String {
+    let (arrays, select) = unnest_source(schema, columns, rules, "c", 2);
+    let names: Vec<String> = columns
+        .iter()
+        .map(|&i| quote_ident(&schema.columns[i].name))
+        .collect();
+    let pk: Vec<String> = schema.pk_columns().map(|c| quote_ident(&c.name)).collect();
+    let updates: Vec<String> = columns
+        .iter()
+        .filter(|&&i| schema.columns[i].pk_position.is_none())
+        .map(|&i| {
+            let q = quote_ident(&schema.columns[i].name);
+            format!("{q} = excluded.{q}")
+        })
+        .collect();
+    let overriding = if columns.iter().any(|&i| schema.columns[i].identity) {
+        " OVERRIDING SYSTEM VALUE"
+    } else {
+        ""
+    };
+    let mut sql = format!(
+        "WITH u AS (SELECT u.mrd_o, {} FROM unnest($1::int4[], {}) AS u(mrd_o{})), \
+         w AS (INSERT INTO {} AS cur ({}){overriding} SELECT {} FROM u ON CONFLICT ({}) ",
+        select.join(", "),
+        arrays.join(", "),
+        aliases("c", columns.len()),
+        table_ref(schema),
+        names.join(", "),
+        names.join(", "),
+        pk.join(", "),
+    );
+    if updates.is_empty() {
+        sql.push_str("DO NOTHING");
+    } else {
+        let _ = write!(sql, "DO UPDATE SET {}", updates.join(", "));
+        if !cas.is_empty() {
+            let first = quote_ident(&schema.columns[cas[0]].name);
+            let _ = write!(
+                sql,
+                " WHERE {} > {} OR cur.{first} IS NULL",
+                tuple(schema, "excluded", cas),
+                tuple(schema, "cur", cas)
+            );
+        }
+    }
+    let _ = write!(
+        sql,
+        " RETURNING {}) SELECT u.mrd_o FROM u WHERE NOT EXISTS (SELECT 1 FROM w WHERE {})",
+        pk.iter().map(|q| format!("cur.{q}")).collect::<Vec<_>>().join(", "),
+        pk_match(schema, "w", "u")
+    );
+    sql
+}
+
+fn params<'a>(ords: &'a Vec<i32>, batch: &'a TableBatch) -> Vec<&'a (dyn ToSql + Sync)> {
+    let mut p: Vec<&(dyn ToSql + Sync)> = vec![ords];
+    for col in &batch.values {
+        p.push(col);
+    }
+    p
+}
+
+/// Upserts `batch`; with CAS columns, returns the caller ordinals of rows that
+/// lost to the stored row. `cas` must be a subset of `batch.columns`.
+pub async fn upsert(
+    tx: &Transaction<'_>,
+    schema: &TableSchema,
+    batch: &TableBatch,
+    cas: &[usize],
+    rules: &WriteRules,
+) -> Result<Vec<usize>, TargetError> {
+    let sql = upsert_sql(schema, &batch.columns, cas, rules);
+    let ords: Vec<i32> = (0..batch.len() as i32).collect();
+    let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
+    let rows = tx
+        .query(&stmt, &params(&ords, batch))
+        .await
+        .map_err(TargetError::db)?;
+    Ok(rows
+        .iter()
+        .map(|r| batch.ords[r.get::<_, i32>(0) as usize])
+        .collect())
+}
+
+/// Deletes the rows `keys` identifies. With CAS, a row is deleted only when
+/// the stored CAS tuple is not newer than the one in `cas_values` (the
+/// delete's `before`); returns caller ordinals of rows that exist and were
+/// kept (conflicts).
+pub async fn delete(
+    tx: &Transaction<'_>,
+    schema: &TableSchema,
+    keys: &TableBatch,
+    cas: &[usize],
+    cas_values: &TableBatch,
+) -> Result<Vec<usize>, TargetError> {
+    let rules = WriteRules::default();
+    let (key_arrays, key_select) = unnest_source(schema, &keys.columns, &rules, "k", 2);
+    let ords: Vec<i32> = (0..keys.len() as i32).collect();
+    let mut p = params(&ords, keys);
+    let pk = pk_match(schema, "cur", "u");
+    let sql = if cas.is_empty() {
+        format!(
+            "WITH u AS (SELECT u.mrd_o, {} FROM unnest($1::int4[], {}) AS u(mrd_o{})) \
+             DELETE FROM {} AS cur USING u WHERE {pk}",
+            key_select.join(", "),
+            key_arrays.join(", "),
+            aliases("k", keys.columns.len()),
+            table_ref(schema),
+        )
+    } else {
+        let (cas_arrays, cas_select) =
+            unnest_source(schema, cas, &rules, "x", 2 + keys.columns.len());
+        // The CAS values are aliased so they cannot collide with key columns.
+        let cas_select: Vec<String> = cas_select
+            .iter()
+            .enumerate()
+            .map(|(n, s)| {
+                let expr = s.rsplit_once(" AS ").map(|(e, _)| e).unwrap_or(s);
+                format!("{expr} AS cas{n}")
+            })
+            .collect();
+        let cas_u = format!(
+            "ROW({})",
+            (0..cas.len()).map(|n| format!("u.cas{n}")).collect::<Vec<_>>().join(", ")
+        );
+        for col in &cas_values.values {
+            p.push(col);
+        }
+        format!(
+            "WITH u AS (SELECT u.mrd_o, {}, {} FROM unnest($1::int4[], {}, {}) AS u(mrd_o{}{})), \
+             d AS (DELETE FROM {t} AS cur USING u WHERE {pk} AND NOT ({} > {cas_u}) RETURNING {}) \
+             SELECT u.mrd_o FROM u WHERE EXISTS (SELECT 1 FROM {t} AS cur WHERE {pk}) \
+             AND NOT EXISTS (SELECT 1 FROM d WHERE {})",
+            key_select.join(", "),
+            cas_select.join(", "),
+            key_arrays.join(", "),
+            cas_arrays.join(", "),
+            aliases("k", keys.columns.len()),
+            aliases("x", cas.len()),
+            tuple(schema, "cur", cas),
+            schema
+                .pk_columns()
+                .map(|c| format!("cur.{}", quote_ident(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            pk_match(schema, "d", "u"),
+            t = table_ref(schema),
+        )
+    };
+    let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
+    let rows = tx.query(&stmt, &p).await.map_err(TargetError::db)?;
+    Ok(rows
+        .iter()
+        .map(|r| keys.ords[r.get::<_, i32>(0) as usize])
+        .collect())
+}
+
+/// A row that lost compare-and-set, with every side as the target's types
+/// print it in JSON (so values compare as typed values, not raw text).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loser {
+    /// The caller's index of the row.
+    pub ord: usize,
+    /// The stored row (locked until the transaction ends); `None` if gone.
+    pub stored: Option<Document>,
+    /// The proposed row, canonical; `None` for a delete.
+    pub proposed: Option<Document>,
+    /// The source's previous row, canonical; `None` when not sent.
+    pub before: Option<Document>,
+}
+
+/// Reads the stored rows for `keys` (locking them) and canonicalises the
+/// proposed and before documents through the columns' types.
+/// `proposed` and `before` are batches over the same rows as `keys` (either
+/// may be absent).
+pub async fn fetch_losers(
+    tx: &Transaction<'_>,
+    schema: &TableSchema,
+    keys: &TableBatch,
+    proposed: Option<&TableBatch>,
+    before: Option<(&TableBatch, &[bool])>,
+    rules: &WriteRules,
+) -> Result<Vec<Loser>, TargetError> {
+    let none = WriteRules::default();
+    let ords: Vec<i32> = (0..keys.len() as i32).collect();
+    let has_before: Vec<bool> = match before {
+        Some((_, flags)) => flags.to_vec(),
+        None => vec![false; keys.len()],
+    };
+    let mut p: Vec<&(dyn ToSql + Sync)> = vec![&ords, &has_before];
+    let mut arrays = vec!["$1::int4[]".to_string(), "$2::bool[]".to_string()];
+    let mut alias = String::from("mrd_o, hb");
+    let (ka, ks) = unnest_source(schema, &keys.columns, &none, "k", 3);
+    for col in &keys.values {
+        p.push(col);
+    }
+    arrays.extend(ka);
+    alias.push_str(&aliases("k", keys.columns.len()));
+    let key_cond = schema
+        .pk
+        .iter()
+        .map(|&pi| {
+            let n = keys.columns.iter().position(|&c| c == pi).expect("keys hold the pk");
+            let expr = ks[n].rsplit_once(" AS ").map(|(e, _)| e).unwrap_or(&ks[n]);
+            format!("cur.{} = {expr}", quote_ident(&schema.columns[pi].name))
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let mut next = 3 + keys.columns.len();
+    let proposed_expr = match proposed {
+        Some(b) => {
+            let (pa, ps) = unnest_source(schema, &b.columns, rules, "p", next);
+            next += b.columns.len();
+            for col in &b.values {
+                p.push(col);
+            }
+            arrays.extend(pa);
+            alias.push_str(&aliases("p", b.columns.len()));
+            format!("(SELECT to_jsonb(x) FROM (SELECT {}) x)", ps.join(", "))
+        }
+        None => "NULL::jsonb".to_string(),
+    };
+    let before_expr = match before {
+        Some((b, _)) if !b.columns.is_empty() => {
+            let (ba, bs) = unnest_source(schema, &b.columns, &none, "b", next);
+            for col in &b.values {
+                p.push(col);
+            }
+            arrays.extend(ba);
+            alias.push_str(&aliases("b", b.columns.len()));
+            format!(
+                "CASE WHEN u.hb THEN (SELECT to_jsonb(x) FROM (SELECT {}) x) END",
+                bs.join(", ")
+            )
+        }
+        _ => "NULL::jsonb".to_string(),
+    };
+    let sql = format!(
+        "SELECT u.mrd_o, (SELECT to_jsonb(cur) FROM {} AS cur WHERE {key_cond} FOR UPDATE), {proposed_expr}, {before_expr} \
+         FROM unnest({}) AS u({alias}) ORDER BY u.mrd_o",
+        table_ref(schema),
+        arrays.join(", "),
+    );
+    let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
+    let rows = tx.query(&stmt, &p).await.map_err(TargetError::db)?;
+    let obj = |v: Option<Value>| match v {
+        Some(Value::Object(m)) => Some(m),
+        _ => None,
+    };
+    Ok(rows
+        .iter()
+        .map(|r| Loser {
+            ord: keys.ords[r.get::<_, i32>(0) as usize],
+            stored: obj(r.get(1)),
+            proposed: obj(r.get(2)),
+            before: obj(r.get(3)),
+        })
+        .collect())
+}
+
+/// One row for the DLQ table.
+#[derive(Debug, Clone)]
+pub struct DlqEntry {
+    pub dlq_name: String,
+    pub source_nanos: i64,
+    pub source_logical: i64,
+    pub data_after: Value,
+    pub data_before: Value,
+}
+
+/// The DLQ table as the seed defines it.
+pub fn dlq_create_sql(schema: &str, table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {}.{} (\n  event UUID DEFAULT gen_random_uuid() PRIMARY KEY,\n  dlq_name TEXT NOT NULL,\n  source_nanos INT8 NOT NULL,\n  source_logical INT8 NOT NULL,\n  data_after JSONB NOT NULL,\n  data_before JSONB NOT NULL\n);",
+        quote_ident(schema),
+        quote_ident(table)
+    )
+}
+
+/// Writes entries to `schema`'s DLQ table, in the caller's transaction.
+pub async fn write_dlq(
+    tx: &Transaction<'_>,
+    schema: &str,
+    dlq_table: &str,
+    entries: &[DlqEntry],
+) -> Result<(), TargetError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO {}.{} (dlq_name, source_nanos, source_logical, data_after, data_before) \
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::jsonb[], $5::jsonb[])",
+        quote_ident(schema),
+        quote_ident(dlq_table)
+    );
+    let names: Vec<&str> = entries.iter().map(|e| e.dlq_name.as_str()).collect();
+    let nanos: Vec<i64> = entries.iter().map(|e| e.source_nanos).collect();
+    let logical: Vec<i64> = entries.iter().map(|e| e.source_logical).collect();
+    let after: Vec<&Value> = entries.iter().map(|e| &e.data_after).collect();
+    let before: Vec<&Value> = entries.iter().map(|e| &e.data_before).collect();
+    let stmt = tx.prepare_cached(&sql).await.map_err(|e| missing_dlq(e, schema, dlq_table))?;
+    tx.execute(&stmt, &[&names, &nanos, &logical, &after, &before])
+        .await
+        .map_err(|e| missing_dlq(e, schema, dlq_table))?;
+    Ok(())
+}
+
+fn missing_dlq(e: tokio_postgres::Error, schema: &str, table: &str) -> TargetError {
+    if e.as_db_error().map(|d| d.code()) == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+        TargetError::MissingDlq {
+            table: format!("{schema}.{table}"),
+            create: dlq_create_sql(schema, table),
+        }
+    } else {
+        TargetError::db(e)
+    }
+}

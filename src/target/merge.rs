@@ -1,0 +1,89 @@
+//! The standard three-way merge (`standardMerge`): reconciles a proposed row
+//! that lost compare-and-set with the stored row, using the source's `before`.
+
+use crate::changefeed::Document;
+
+/// What the three-way merge made of one conflict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ThreeWay {
+    /// The stored row already equals the proposed one: nothing to do
+    /// (a replayed change lands here).
+    Unchanged,
+    /// Every property reconciled: write this row.
+    Merged(Document),
+    /// These properties changed on both sides.
+    Unmerged(Vec<String>),
+}
+
+/// Merges `proposed` into `stored`: a property whose `before` equals the
+/// stored value takes the proposed value; one whose stored value already
+/// equals the proposed value needs nothing; any other is unmerged. All three
+/// documents must be canonical (as the target's types print them).
+pub fn three_way(before: Option<&Document>, proposed: &Document, stored: &Document) -> ThreeWay {
+    let mut merged = stored.clone();
+    let mut unmerged = Vec::new();
+    let mut changed = false;
+    for (prop, value) in proposed {
+        let current = stored.get(prop);
+        if current == Some(value) {
+            continue;
+        }
+        let base = before.and_then(|b| b.get(prop));
+        if base.is_some() && base == current {
+            merged.insert(prop.clone(), value.clone());
+            changed = true;
+        } else {
+            unmerged.push(prop.clone());
+        }
+    }
+    if !unmerged.is_empty() {
+        ThreeWay::Unmerged(unmerged)
+    } else if changed {
+        ThreeWay::Merged(merged)
+    } else {
+        ThreeWay::Unchanged
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn doc(v: serde_json::Value) -> Document {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn merges_disjoint_changes() {
+        let before = doc(json!({"k":1,"a":1,"b":1}));
+        let stored = doc(json!({"k":1,"a":1,"b":2}));
+        let proposed = doc(json!({"k":1,"a":5,"b":1}));
+        // b: before(1) != stored(2) and proposed(1) != stored(2) -> unmerged
+        assert_eq!(
+            three_way(Some(&before), &proposed, &stored),
+            ThreeWay::Unmerged(vec!["b".into()])
+        );
+        let proposed = doc(json!({"k":1,"a":5,"b":2}));
+        assert_eq!(
+            three_way(Some(&before), &proposed, &stored),
+            ThreeWay::Merged(doc(json!({"k":1,"a":5,"b":2})))
+        );
+    }
+
+    #[test]
+    fn identical_rows_need_nothing() {
+        let stored = doc(json!({"k":1,"v":"\\x01"}));
+        assert_eq!(three_way(None, &stored.clone(), &stored), ThreeWay::Unchanged);
+    }
+
+    #[test]
+    fn no_before_means_unmerged() {
+        let stored = doc(json!({"k":1,"v":1}));
+        let proposed = doc(json!({"k":1,"v":2}));
+        assert_eq!(
+            three_way(None, &proposed, &stored),
+            ThreeWay::Unmerged(vec!["v".into()])
+        );
+    }
+}

@@ -1,0 +1,174 @@
+//! Target schema introspection: columns in order, their types, nullability,
+//! defaults, generated and identity columns, and the primary key in key order.
+//! Cached per table and re-read when a statement meets a column it does not know.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use tokio_postgres::GenericClient;
+
+use super::TargetError;
+use crate::script::TableName;
+
+/// How a column's JSON values are turned into SQL input text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Integer,
+    /// numeric, real, double precision: exact text passes through.
+    Number,
+    Bool,
+    Json,
+    Bytea,
+    Uuid,
+    Array,
+    /// text, varchar, timestamps, dates, enums and everything else PostgreSQL
+    /// parses from text.
+    Text,
+}
+
+/// One column of a target table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: String,
+    /// The SQL type as `format_type` prints it (`bigint`, `numeric(10,2)`, `text[]`).
+    pub sql_type: String,
+    pub kind: Kind,
+    pub not_null: bool,
+    pub has_default: bool,
+    /// A `GENERATED ALWAYS AS (…) STORED` column: never written.
+    pub generated: bool,
+    /// An identity column (`GENERATED … AS IDENTITY`).
+    pub identity: bool,
+    /// Position in the primary key (0-based), if part of it.
+    pub pk_position: Option<usize>,
+}
+
+/// A target table's shape.
+#[derive(Debug, Clone)]
+pub struct TableSchema {
+    pub name: TableName,
+    pub columns: Vec<Column>,
+    /// Indexes into `columns`, in primary-key order.
+    pub pk: Vec<usize>,
+}
+
+impl TableSchema {
+    pub fn column(&self, name: &str) -> Option<(usize, &Column)> {
+        self.columns.iter().enumerate().find(|(_, c)| c.name == name)
+    }
+
+    pub fn pk_columns(&self) -> impl Iterator<Item = &Column> {
+        self.pk.iter().map(|&i| &self.columns[i])
+    }
+}
+
+fn kind_of(typname: &str, category: &str) -> Kind {
+    match typname {
+        "int2" | "int4" | "int8" | "oid" => Kind::Integer,
+        "numeric" | "float4" | "float8" => Kind::Number,
+        "bool" => Kind::Bool,
+        "json" | "jsonb" => Kind::Json,
+        "bytea" => Kind::Bytea,
+        "uuid" => Kind::Uuid,
+        _ if category == "A" => Kind::Array,
+        _ => Kind::Text,
+    }
+}
+
+const INTROSPECT: &str = "
+SELECT a.attname::text,
+       format_type(a.atttypid, a.atttypmod),
+       t.typname::text,
+       t.typcategory::text,
+       a.attnotnull,
+       a.atthasdef,
+       a.attgenerated <> '',
+       a.attidentity <> '',
+       (SELECT array_position(i.indkey::int2[], a.attnum)
+          FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+  FROM pg_attribute a
+  JOIN pg_class c ON c.oid = a.attrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_type t ON t.oid = a.atttypid
+ WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+   AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum";
+
+/// Reads a table's schema from the catalog.
+pub async fn introspect(
+    client: &impl GenericClient,
+    name: &TableName,
+) -> Result<TableSchema, TargetError> {
+    let rows = client
+        .query(INTROSPECT, &[&name.schema, &name.table])
+        .await
+        .map_err(TargetError::db)?;
+    if rows.is_empty() {
+        return Err(TargetError::UnknownTable(name.clone()));
+    }
+    let mut columns = Vec::with_capacity(rows.len());
+    for r in rows {
+        let pk: Option<i32> = r.get(8);
+        columns.push(Column {
+            name: r.get(0),
+            sql_type: r.get(1),
+            kind: kind_of(r.get::<_, &str>(2), r.get::<_, &str>(3)),
+            not_null: r.get(4),
+            has_default: r.get(5),
+            generated: r.get(6),
+            identity: r.get(7),
+            pk_position: pk.map(|p| p as usize - 1),
+        });
+    }
+    let mut pk: Vec<usize> = (0..columns.len())
+        .filter(|&i| columns[i].pk_position.is_some())
+        .collect();
+    pk.sort_by_key(|&i| columns[i].pk_position);
+    if pk.is_empty() {
+        return Err(TargetError::NoPrimaryKey(name.clone()));
+    }
+    Ok(TableSchema {
+        name: name.clone(),
+        columns,
+        pk,
+    })
+}
+
+/// Table schemas by name, shared by every request.
+#[derive(Default)]
+pub struct SchemaCache {
+    tables: RwLock<HashMap<TableName, Arc<TableSchema>>>,
+}
+
+impl SchemaCache {
+    /// The cached schema, read from the catalog on first use.
+    pub async fn get(
+        &self,
+        client: &impl GenericClient,
+        name: &TableName,
+    ) -> Result<Arc<TableSchema>, TargetError> {
+        if let Some(s) = self.tables.read().unwrap().get(name) {
+            return Ok(s.clone());
+        }
+        self.refresh(client, name).await
+    }
+
+    /// Reads the schema again (after a schema change).
+    pub async fn refresh(
+        &self,
+        client: &impl GenericClient,
+        name: &TableName,
+    ) -> Result<Arc<TableSchema>, TargetError> {
+        let s = Arc::new(introspect(client, name).await?);
+        self.tables
+            .write()
+            .unwrap()
+            .insert(name.clone(), s.clone());
+        Ok(s)
+    }
+
+    /// Forgets a table so the next use reads it again.
+    pub fn invalidate(&self, name: &TableName) {
+        self.tables.write().unwrap().remove(name);
+    }
+}
