@@ -84,8 +84,9 @@ SELECT a.attname::text,
        a.atthasdef,
        a.attgenerated <> '',
        a.attidentity <> '',
-       (SELECT array_position(i.indkey::int2[], a.attnum)
-          FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+       (SELECT k.ord::int4
+          FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(att, ord)
+         WHERE i.indrelid = c.oid AND i.indisprimary AND k.att = a.attnum)
   FROM pg_attribute a
   JOIN pg_class c ON c.oid = a.attrelid
   JOIN pg_namespace n ON n.oid = c.relnamespace

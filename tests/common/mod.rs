@@ -1,0 +1,132 @@
+//! Shared test support: a receiver on a fresh database of the one throwaway
+//! PostgreSQL cluster per test binary (see `meridian::pgcluster`).
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use clap::Parser;
+use meridian::cli::{Cli, Command, StartArgs};
+use meridian::server::RunningServer;
+use tokio_postgres::{Client, NoTls};
+
+/// A test database with a receiver in front of it.
+pub struct Fixture {
+    pub url: String,
+    pub db: Client,
+    pub server: RunningServer,
+    pub http: reqwest::Client,
+}
+
+/// `meridian start` flags for `url`, plus `extra` flags.
+pub fn start_args(url: &str, extra: &[&str]) -> StartArgs {
+    let mut argv = vec![
+        "meridian",
+        "start",
+        "--bindAddr",
+        "127.0.0.1:0",
+        "--disableAuthentication",
+        "--targetConn",
+        url,
+    ];
+    argv.extend_from_slice(extra);
+    match Cli::try_parse_from(argv).expect("valid flags").command {
+        Command::Start(a) => a,
+        _ => unreachable!(),
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// A fresh database named `name` on the shared cluster, set up with `setup`
+/// SQL, and a receiver started with `extra` flags.
+pub async fn fixture(name: &str, setup: &str, extra: &[&str]) -> Fixture {
+    let cluster = meridian::pgcluster::shared().expect("test cluster");
+    let url = cluster.fresh_database(name).await.expect("database");
+    let db = connect(&url).await;
+    db.batch_execute(setup).await.expect("setup SQL");
+    let server = meridian::server::serve(start_args(&url, extra))
+        .await
+        .expect("server starts");
+    let http = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    Fixture {
+        url,
+        db,
+        server,
+        http,
+    }
+}
+
+impl Fixture {
+    /// POSTs `body` to `path`; returns status and response text.
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
+        let r = self
+            .http
+            .post(format!("{}{}", self.server.base_url(), path))
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    /// The rows of a query, each as one text line (for byte-for-byte comparison).
+    pub async fn dump(&self, sql: &str) -> Vec<String> {
+        self.db
+            .simple_query(sql)
+            .await
+            .expect("query")
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                ),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db.query_one(sql, &[]).await.expect("count").get(0)
+    }
+}
+
+/// The seed's kv table with replication columns, and the seed's DLQ table.
+pub const KV_SCHEMA: &str = "
+CREATE TABLE kv (k INT8 PRIMARY KEY, v BYTEA, _source TEXT, _timestamp TIMESTAMPTZ);
+CREATE TABLE cdc_sink_dlq (
+  event UUID DEFAULT gen_random_uuid() PRIMARY KEY,
+  dlq_name TEXT NOT NULL,
+  source_nanos INT8 NOT NULL,
+  source_logical INT8 NOT NULL,
+  data_after JSONB NOT NULL,
+  data_before JSONB NOT NULL
+);";
+
+/// A userscript written next to the test, returned as a path.
+pub fn write_script(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// A one-row kv batch.
+pub fn kv_row(k: i64, v: &str, source: &str, ts: &str, before: Option<&str>, updated: &str) -> String {
+    format!(
+        r#"{{"after":{{"k":{k},"v":"{v}","_source":"{source}","_timestamp":"{ts}"}},"before":{},"key":[{k}],"topic":"kv","updated":"{updated}"}}"#,
+        before.unwrap_or("null")
+    )
+}
+
+pub fn batch(rows: &[String]) -> String {
+    format!(r#"{{"payload":[{}],"length":{}}}"#, rows.join(","), rows.len())
+}
