@@ -127,7 +127,7 @@ impl PgCluster {
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical \
              -c max_replication_slots=32 -c max_wal_senders=32 -c max_connections=200 \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+             -c fsync=off -c full_page_writes=off \
              -c shared_buffers=128MB -c max_wal_size=2GB",
             self.port,
             self.root.display()

@@ -21,3 +21,522 @@ async fn plain_upserts_without_userscript() {
         ]
     );
 }
+
+/// A userscript in its own temporary folder.
+fn script(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_script(dir.path(), "init.ts", text);
+    (dir, path)
+}
+
+/// CAS on `_timestamp`; losers go to the DLQ named after the table.
+const CAS_DLQ: &str = r#"
+import * as api from "replicator@v1";
+api.configureTable("kv", { cas: ["_timestamp"], merge: api.standardMerge(() => ({ dlq: "kv" })) });
+"#;
+
+const T1: &str = "2026-01-01T00:00:01Z";
+const T2: &str = "2026-01-01T00:00:02Z";
+const T3: &str = "2026-01-01T00:00:03Z";
+
+async fn seed_row(f: &Fixture, k: i64, v: &str, source: &str, ts: &str) {
+    f.db.execute(
+        "INSERT INTO kv VALUES ($1, decode($2, 'hex'), $3, $4::text::timestamptz)",
+        &[&k, &v, &source, &ts],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn values_convert_by_column_type() {
+    let f = fixture(
+        "convert_types",
+        "CREATE TABLE t (id INT8 PRIMARY KEY, n NUMERIC, s TEXT, b BOOL, j JSONB, a JSONB,
+           ts TIMESTAMPTZ, u UUID, arr INT4[], tags TEXT[], blob BYTEA, blob64 BYTEA, f FLOAT8, nul TEXT)",
+        &[],
+    )
+    .await;
+    let body = r#"{"payload":[{"after":{"id":1,"n":12345678901234567890.123456789012345678,"s":"héllo \"q\"","b":true,
+        "j":{"x":[1,2,{"y":null}]},"a":[1,"two"],"ts":"2026-03-04T05:06:07.123456Z","u":"6f1c1a58-5d0b-4a55-8f5e-0d9b6a3b2c11",
+        "arr":[1,2,null],"tags":["a,b","c\"d"],"blob":"\\xdeadbeef","blob64":"3q2+7w==","f":1.5,"nul":null},
+        "key":[1],"topic":"t","updated":"1.0"}],"length":1}"#;
+    let (status, text) = f.post("/convert_types/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT id, n, s, b, j, a, ts, u, arr, tags, blob, blob64, f, nul FROM t").await,
+        vec![concat!(
+            "1|12345678901234567890.123456789012345678|héllo \"q\"|t|{\"x\": [1, 2, {\"y\": null}]}|[1, \"two\"]|",
+            "2026-03-04 05:06:07.123456+00|6f1c1a58-5d0b-4a55-8f5e-0d9b6a3b2c11|{1,2,NULL}|{\"a,b\",\"c\\\"d\"}|",
+            "\\xdeadbeef|\\xdeadbeef|1.5|NULL"
+        )]
+    );
+}
+
+#[tokio::test]
+async fn table_route_and_other_database() {
+    let f = fixture("route_main", KV_SCHEMA, &[]).await;
+    let other = meridian::pgcluster::shared()
+        .unwrap()
+        .fresh_database("route_other")
+        .await
+        .unwrap();
+    let other_db = connect(&other).await;
+    other_db
+        .batch_execute("CREATE SCHEMA app; CREATE TABLE app.items (id INT8 PRIMARY KEY, name TEXT)")
+        .await
+        .unwrap();
+    // No topic in the payload: the URL names the table.
+    let body = r#"{"payload":[{"after":{"id":7,"name":"seven"},"key":[7],"updated":"5.0"}],"length":1}"#;
+    let (status, text) = f.post("/route_other/app/items", body).await;
+    assert_eq!(status, 200, "{text}");
+    let name: String = other_db
+        .query_one("SELECT name FROM app.items WHERE id = 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "seven");
+    // No topic and no table in the URL: the request cannot be routed.
+    let (status, text) = f.post("/route_main/public", body).await;
+    assert_eq!(status, 400);
+    assert!(text.contains("no topic"), "{text}");
+}
+
+#[tokio::test]
+async fn cas_newer_wins_older_goes_to_dlq() {
+    let (_dir, path) = script(CAS_DLQ);
+    let f = fixture("cas_win_loss", KV_SCHEMA, &["--userscript", &path]).await;
+    seed_row(&f, 1, "aa", "west", T2).await;
+    seed_row(&f, 2, "bb", "west", T2).await;
+    let body = batch(&[
+        kv_row(1, "\\\\x01", "east", T1, None, "10.0"), // older: loses
+        kv_row(2, "\\\\x02", "east", T3, None, "10.0"), // newer: wins
+        kv_row(3, "\\\\x03", "east", T1, None, "10.0"), // no stored row: applies
+    ]);
+    let (status, text) = f.post("/cas_win_loss/public", body.clone()).await;
+    assert_eq!(status, 200, "{text}");
+    let rows = f.dump("SELECT k, v, _source FROM kv ORDER BY k").await;
+    assert_eq!(rows, vec!["1|\\xaa|west", "2|\\x02|east", "3|\\x03|east"]);
+    let dlq = f
+        .dump("SELECT dlq_name, source_nanos, source_logical, data_after->>'k', data_before FROM cdc_sink_dlq")
+        .await;
+    assert_eq!(dlq, vec!["kv|10|0|1|null"]);
+
+    // Replaying the same request changes nothing and adds nothing to the DLQ.
+    let (status, _) = f.post("/cas_win_loss/public", body).await;
+    assert_eq!(status, 200);
+    assert_eq!(f.dump("SELECT k, v, _source FROM kv ORDER BY k").await, rows);
+    assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 1);
+
+    let metrics = f
+        .http
+        .get(format!("{}/_/varz", f.server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(r#"apply_upserts_total{schema="public",table="kv"} 2"#), "{metrics}");
+    assert!(metrics.contains(r#"dlq_enqueued_total{schema="public",table="kv"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"http_status_codes_total{code="200"} 2"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn cas_loss_without_merge_is_discarded_and_counted() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1"; api.configureTable("kv", { cas: ["_timestamp"] });"#,
+    );
+    let f = fixture("cas_nomerge", KV_SCHEMA, &["--userscript", &path]).await;
+    seed_row(&f, 1, "aa", "west", T2).await;
+    let (status, text) = f
+        .post("/cas_nomerge/public", batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT k, v FROM kv").await, vec!["1|\\xaa"]);
+    assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
+    let metrics = f
+        .http
+        .get(format!("{}/_/varz", f.server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(r#"apply_conflicts_total{schema="public",table="kv"} 1"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn equal_cas_ties_break_on_source() {
+    // With (_timestamp, _source), a tie resolves the same way on both sides.
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("kv", { cas: ["_timestamp", "_source"], merge: api.standardMerge(() => ({ dlq: "kv" })) });"#,
+    );
+    let f = fixture("cas_tie", KV_SCHEMA, &["--userscript", &path]).await;
+    seed_row(&f, 1, "aa", "east", T2).await;
+    seed_row(&f, 2, "bb", "west", T2).await;
+    let body = batch(&[
+        kv_row(1, "\\\\x01", "west", T2, None, "1.0"), // 'west' > 'east': wins
+        kv_row(2, "\\\\x02", "east", T2, None, "1.0"), // 'east' < 'west': loses
+    ]);
+    let (status, text) = f.post("/cas_tie/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
+        vec!["1|\\x01|west", "2|\\xbb|west"]
+    );
+    assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 1);
+}
+
+#[tokio::test]
+async fn standard_merge_three_way_and_fallbacks() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("docs", { cas: ["ts"], merge: api.standardMerge() });
+        api.configureTable("apply_fb", { cas: ["ts"], merge: api.standardMerge((op) => ({ apply: { ...op.target, a: "fallback" } })) });
+        api.configureTable("drop_fb", { cas: ["ts"], merge: api.standardMerge(() => ({ drop: true })) });
+        api.configureTable("custom", { cas: ["ts"], merge: (op) => ({ dlq: "custom-" + op.proposed.id }) });"#,
+    );
+    let mut setup = String::from(KV_SCHEMA);
+    for t in ["docs", "apply_fb", "drop_fb", "custom"] {
+        setup.push_str(&format!(
+            "CREATE TABLE {t} (id INT8 PRIMARY KEY, a TEXT, b TEXT, ts INT8);
+             INSERT INTO {t} VALUES (1, 'a0', 'b1', 20);"
+        ));
+    }
+    let f = fixture("std_merge", &setup, &["--userscript", &path]).await;
+    let row = |t: &str, a: &str, b: &str| {
+        format!(
+            r#"{{"after":{{"id":1,"a":"{a}","b":"{b}","ts":10}},"before":{{"id":1,"a":"a0","b":"b0","ts":5}},"key":[1],"topic":"{t}","updated":"3.2"}}"#
+        )
+    };
+    // b changed on both sides (before b0, stored b1, proposed b2): unmerged,
+    // and `docs` has no fallback: the request fails naming table, key, column.
+    let before_all = f.dump("SELECT * FROM docs").await;
+    let (status, text) = f.post("/std_merge/public", batch(&[row("docs", "a1", "b2")])).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("docs") && text.contains("[1]") && text.contains('b'), "{text}");
+    assert_eq!(f.dump("SELECT * FROM docs").await, before_all);
+    // Only a changed (before == stored) and b already equal: merges.
+    let (status, text) = f.post("/std_merge/public", batch(&[row("docs", "a1", "b1")])).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT id, a, b, ts FROM docs").await, vec!["1|a1|b1|20"]);
+    // Fallbacks decide for unmerged rows.
+    let body = batch(&[row("apply_fb", "a1", "b2"), row("drop_fb", "a1", "b2"), row("custom", "a1", "b2")]);
+    let (status, text) = f.post("/std_merge/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT id, a, b, ts FROM apply_fb").await, vec!["1|fallback|b1|20"]);
+    assert_eq!(f.dump("SELECT id, a, b, ts FROM drop_fb").await, vec!["1|a0|b1|20"]);
+    assert_eq!(f.dump("SELECT id, a, b, ts FROM custom").await, vec!["1|a0|b1|20"]);
+    assert_eq!(
+        f.dump("SELECT dlq_name, source_nanos, source_logical, data_after->>'b', data_before->>'b' FROM cdc_sink_dlq").await,
+        vec!["custom-1|3|2|b2|b0"]
+    );
+}
+
+#[tokio::test]
+async fn typed_comparison_makes_replays_no_ops() {
+    let (_dir, path) = script(CAS_DLQ);
+    let f = fixture("typed_cmp", KV_SCHEMA, &["--userscript", &path]).await;
+    seed_row(&f, 1, "01", "east", "2026-01-01 00:00:01+00").await;
+    // Same row in other spellings: hex escape and RFC 3339: not a conflict.
+    let (status, text) = f
+        .post("/typed_cmp/public", batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
+}
+
+#[tokio::test]
+async fn duplicate_keys_fold_to_highest_updated() {
+    let f = fixture("dup_keys", KV_SCHEMA, &[]).await;
+    let body = batch(&[
+        kv_row(1, "\\\\x03", "east", T3, None, "30.0"),
+        kv_row(1, "\\\\x01", "east", T1, None, "10.0"),
+        kv_row(2, "\\\\x01", "east", T1, None, "10.0"),
+        kv_row(2, "\\\\x02", "east", T2, None, "10.0"), // same time: the last wins
+    ]);
+    let (status, text) = f.post("/dup_keys/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT k, v FROM kv ORDER BY k").await, vec!["1|\\x03", "2|\\x02"]);
+}
+
+#[tokio::test]
+async fn deletes_with_and_without_conflict() {
+    let (_dir, path) = script(CAS_DLQ);
+    let f = fixture("deletes", KV_SCHEMA, &["--userscript", &path]).await;
+    seed_row(&f, 1, "aa", "east", T1).await; // matches the delete's before: deleted
+    seed_row(&f, 2, "bb", "west", T3).await; // newer than the delete's before: conflict
+    seed_row(&f, 3, "cc", "west", T1).await; // delete with before null: dropped
+    let del = |k: i64, before: &str| {
+        format!(r#"{{"after":null,"before":{before},"key":[{k}],"topic":"kv","updated":"50.1"}}"#)
+    };
+    let before = |k: i64, v: &str| {
+        format!(r#"{{"k":{k},"v":"\\x{v}","_source":"east","_timestamp":"{T1}"}}"#)
+    };
+    let body = batch(&[del(1, &before(1, "aa")), del(2, &before(2, "bb")), del(3, "null")]);
+    let (status, text) = f.post("/deletes/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT k FROM kv ORDER BY k").await, vec!["2", "3"]);
+    assert_eq!(
+        f.dump("SELECT dlq_name, source_nanos, source_logical, data_after, data_before->>'k' FROM cdc_sink_dlq").await,
+        vec!["kv|50|1|null|2"]
+    );
+}
+
+#[tokio::test]
+async fn deletes_without_cas_remove_rows() {
+    let f = fixture("plain_deletes", KV_SCHEMA, &[]).await;
+    seed_row(&f, 1, "aa", "east", T1).await;
+    seed_row(&f, 2, "bb", "east", T1).await;
+    let body = r#"{"payload":[{"after":null,"key":[1],"topic":"kv","updated":"2.0"}],"length":1}"#;
+    let (status, text) = f.post("/plain_deletes/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT k FROM kv").await, vec!["2"]);
+}
+
+#[tokio::test]
+async fn deadlines_discard_old_rows() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1"; api.configureTable("kv", { deadlines: { _timestamp: "1h" } });"#,
+    );
+    let f = fixture("deadlines", KV_SCHEMA, &["--userscript", &path]).await;
+    let fresh = chrono::Utc::now().to_rfc3339();
+    let body = batch(&[
+        kv_row(1, "\\\\x01", "east", T1, None, "1.0"), // 2026-01-01: far too old
+        kv_row(2, "\\\\x02", "east", &fresh, None, "1.0"),
+    ]);
+    let (status, text) = f.post("/deadlines/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT k FROM kv").await, vec!["2"]);
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_and_changes_nothing() {
+    let (_dir, path) = script(CAS_DLQ);
+    let f = fixture("bad_input", KV_SCHEMA, &["--userscript", &path, "--maxBodyBytes", "4096"]).await;
+    seed_row(&f, 1, "aa", "west", T2).await;
+    let snapshot = || async {
+        (
+            f.dump("SELECT * FROM kv ORDER BY k").await,
+            f.dump("SELECT * FROM cdc_sink_dlq ORDER BY event").await,
+        )
+    };
+    let before = snapshot().await;
+    let good = kv_row(2, "\\\\x02", "east", T3, None, "1.0");
+    let loser = kv_row(1, "\\\\x01", "east", T1, None, "1.0"); // would reach the DLQ
+    let cases: Vec<(String, u16, &str)> = vec![
+        (r#"{"payload":[{"after":"#.to_string(), 400, "malformed JSON at line 1"),
+        (batch(&[good.clone(), loser.clone(), kv_row(3, "\\\\x03", "east", T1, None, "1.0").replace("\"topic\":\"kv\"", "\"topic\":\"nope\"")]), 400, "unknown table"),
+        (batch(&[good.clone(), loser.clone(), good.replace("\"k\":2", "\"k\":4,\"zz\":1")]), 400, "unknown column \"zz\""),
+        (batch(&[good.clone(), loser.clone(), good.replace("\"k\":2", "\"k\":\"two\"")]), 400, "\"two\""),
+        (batch(&[good.clone(), loser.clone(), good.replace("\\\\x02", "\\\\xZZ")]), 400, "column \"v\""),
+        (batch(&[good.clone(), loser.clone(), good.replace(T3, "not a time").replace("\"k\":2", "\"k\":5")]), 400, "not a time"),
+        (batch(&vec![good.clone(); 60]), 413, "maxBodyBytes"),
+    ];
+    for (body, want, needle) in cases {
+        let (status, text) = f.post("/bad_input/public", body.clone()).await;
+        assert_eq!(status, want, "{body} -> {text}");
+        assert!(text.contains(needle), "expected {needle:?} in {text:?}");
+        assert_eq!(snapshot().await, before, "{body} changed the database");
+    }
+}
+
+#[tokio::test]
+async fn target_down_answers_503_and_health_fails() {
+    let mut cluster = meridian::pgcluster::PgCluster::start_temp().unwrap();
+    let url = cluster.create_database("down").await.unwrap();
+    connect(&url).await.batch_execute(KV_SCHEMA).await.unwrap();
+    let server = meridian::server::serve(start_args(&url, &["--applyTimeout", "2s"]))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let health = format!("{}/_/healthz", server.base_url());
+    assert_eq!(http.get(&health).send().await.unwrap().status(), 200);
+    cluster.kill().unwrap();
+    let r = http
+        .post(format!("{}/down/public", server.base_url()))
+        .body(batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "{}", r.text().await.unwrap());
+    assert_eq!(http.get(&health).send().await.unwrap().status(), 503);
+    // Once the target is back, the changefeed's retry applies.
+    cluster.restart().unwrap();
+    assert!(
+        meridian::pgcluster::wait_for(std::time::Duration::from_secs(10), || async {
+            http.get(&health).send().await.unwrap().status() == 200
+        })
+        .await,
+        "target healthy again"
+    );
+    let r = http
+        .post(format!("{}/down/public", server.base_url()))
+        .body(batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn apply_timeout_answers_503_and_rolls_back() {
+    let f = fixture("apply_timeout", KV_SCHEMA, &["--applyTimeout", "1s"]).await;
+    seed_row(&f, 1, "aa", "west", T1).await;
+    // Another session holds the row lock past the apply timeout.
+    let blocker = connect(&f.url).await;
+    blocker
+        .batch_execute("BEGIN; SELECT * FROM kv WHERE k = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let body = batch(&[
+        kv_row(2, "\\\\x02", "east", T2, None, "1.0"),
+        kv_row(1, "\\\\x01", "east", T2, None, "1.0"),
+    ]);
+    let (status, text) = f.post("/apply_timeout/public", body).await;
+    assert_eq!(status, 503, "{text}");
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(f.dump("SELECT k, v FROM kv ORDER BY k").await, vec!["1|\\xaa"]);
+}
+
+#[tokio::test]
+async fn missing_dlq_table_error_gives_create_statement() {
+    let (_dir, path) = script(CAS_DLQ);
+    let f = fixture(
+        "missing_dlq",
+        "CREATE TABLE kv (k INT8 PRIMARY KEY, v BYTEA, _source TEXT, _timestamp TIMESTAMPTZ)",
+        &["--userscript", &path],
+    )
+    .await;
+    seed_row(&f, 1, "aa", "west", T2).await;
+    let (status, text) = f
+        .post("/missing_dlq/public", batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("CREATE TABLE IF NOT EXISTS \"public\".\"cdc_sink_dlq\""), "{text}");
+    assert_eq!(f.dump("SELECT k, v FROM kv").await, vec!["1|\\xaa"]);
+}
+
+#[tokio::test]
+async fn schema_change_is_picked_up() {
+    let f = fixture("schema_change", "CREATE TABLE t (id INT8 PRIMARY KEY, a TEXT)", &[]).await;
+    let row = |extra: &str| {
+        format!(r#"{{"payload":[{{"after":{{"id":1,"a":"x"{extra}}},"key":[1],"topic":"t","updated":"1.0"}}],"length":1}}"#)
+    };
+    assert_eq!(f.post("/schema_change/public", row("")).await.0, 200);
+    f.db.batch_execute("ALTER TABLE t ADD COLUMN b INT8").await.unwrap();
+    let (status, text) = f.post("/schema_change/public", row(r#","b":5"#)).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT id, a, b FROM t").await, vec!["1|x|5"]);
+}
+
+#[tokio::test]
+async fn resolved_checkpoints_are_accepted() {
+    let f = fixture("resolved", KV_SCHEMA, &[]).await;
+    let (status, _) = f
+        .post("/resolved/public", r#"{"resolved":"1700000000123456789.0000000000"}"#)
+        .await;
+    assert_eq!(status, 200);
+    let metrics = f
+        .http
+        .get(format!("{}/_/varz", f.server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(r#"resolved_timestamp_seconds{schema="public"} 1700000000"#), "{metrics}");
+}
+
+#[tokio::test]
+async fn tls_self_signed_and_metrics_addr() {
+    let f = fixture("tls", KV_SCHEMA, &["--tlsSelfSigned", "--metricsAddr", "127.0.0.1:0"]).await;
+    assert!(f.server.base_url().starts_with("https://"));
+    let (status, text) = f
+        .post("/tls/public", batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let m = reqwest::get(format!("http://{}/metrics", f.server.metrics_addr().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains(r#"apply_upserts_total{schema="public",table="kv"} 1"#), "{m}");
+}
+
+#[tokio::test]
+async fn jwt_authentication() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let public = dir.path().join("pub.pem");
+    std::fs::write(&public, key.public_key_pem()).unwrap();
+    let cluster = meridian::pgcluster::shared().unwrap();
+    let url = cluster.fresh_database("jwt").await.unwrap();
+    connect(&url).await.batch_execute(KV_SCHEMA).await.unwrap();
+    let mut args = start_args(&url, &[]);
+    args.disable_authentication = false;
+    args.jwt_public_key = vec![public];
+    let server = meridian::server::serve(args).await.unwrap();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &serde_json::json!({"sub": "changefeed"}),
+        &jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let body = batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]);
+    let url = format!("{}/jwt/public", server.base_url());
+    let r = http.post(&url).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.post(&url).bearer_auth("abc.def.ghi").body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.post(&url).bearer_auth(&token).body(body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn local_writes_racing_replication_are_never_lost() {
+    let (_dir, path) = script(CAS_DLQ);
+    let f = fixture("race", KV_SCHEMA, &["--userscript", &path]).await;
+    let keys = 20i64;
+    for k in 0..keys {
+        seed_row(&f, k, "00", "west", "2026-01-01T00:00:00Z").await;
+    }
+    // A local writer bumps every key to odd seconds, replication sends even
+    // seconds, both racing; the newest version of each key must win.
+    let local_url = f.url.clone();
+    let local = tokio::spawn(async move {
+        let c = connect(&local_url).await;
+        for round in 0..15i64 {
+            for k in 0..keys {
+                let ts = format!("2026-01-01T00:00:{:02}Z", round * 2 + 1);
+                c.execute(
+                    "UPDATE kv SET v = '\\x11', _source = 'west', _timestamp = $2::text::timestamptz
+                      WHERE k = $1 AND _timestamp < $2::text::timestamptz",
+                    &[&k, &ts],
+                )
+                .await
+                .unwrap();
+            }
+        }
+    });
+    for round in 0..15i64 {
+        let ts = format!("2026-01-01T00:00:{:02}Z", round * 2);
+        let rows: Vec<String> = (0..keys)
+            .map(|k| kv_row(k, "\\\\x22", "east", &ts, None, &format!("{}.0", round + 1)))
+            .collect();
+        let (status, text) = f.post("/race/public", batch(&rows)).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    local.await.unwrap();
+    // Odd seconds run to 29, even to 28: the local write of second 29 wins everywhere.
+    let rows = f
+        .dump("SELECT DISTINCT v, _source, _timestamp FROM kv")
+        .await;
+    assert_eq!(rows, vec!["\\x11|west|2026-01-01 00:00:29+00"]);
+}

@@ -51,11 +51,17 @@ struct RawEnvelope<'a> {
     resolved: Option<Value>,
 }
 
+/// Keeps an explicit JSON `null` as `Some(Value::Null)`, so a field that is
+/// absent (`None`) differs from one that is null.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
 #[derive(Deserialize)]
 struct RawRow {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     after: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     before: Option<Value>,
     #[serde(default)]
     key: Option<Value>,

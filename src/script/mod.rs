@@ -401,6 +401,7 @@ pub fn route_by_topic(
 pub const API_DTS: &str = include_str!("../../userscripts/meridian.d.ts");
 
 mod engine;
+mod transpile;
 
 #[cfg(test)]
 mod tests {
