@@ -1,31 +1,851 @@
-//! The JavaScript engine behind [`super::Userscript`]: placeholder until the
-//! QuickJS runtime lands. Loading any script fails with a clear error.
+//! The engine behind [`super::Userscript`]: a small pool of threads, each with
+//! its own QuickJS runtime that loaded the same script. Calls cross into
+//! JavaScript once per batch (rows travel as one JSON string each way).
+//! While an `apply` call runs, its `getTX()` requests come back to the async
+//! caller, which runs them on the request's transaction and replies.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
+use serde_json::{Map, Value};
+
+use super::runtime::{load_program, Program, TxBridge, TxKind, TxRequest, Worker};
 use super::*;
+use crate::changefeed::{Before, Mutation};
+
+struct Job {
+    func: &'static str,
+    args: Vec<String>,
+    tx: Option<TxBridge>,
+    reply: tokio::sync::oneshot::Sender<Result<String, ScriptError>>,
+}
 
 pub struct Engine {
     config: ScriptConfig,
+    /// Normalized `database.schema` → the source name as the script wrote it.
+    source_names: HashMap<String, String>,
+    /// Sources whose `deletesTo` is a function.
+    delete_fns: Vec<String>,
+    /// Tables with a `map` function / a `deleteKey` function.
+    map_fns: HashSet<String>,
+    delete_key_fns: HashSet<String>,
+    jobs: Mutex<mpsc::Sender<Job>>,
+    name: String,
+}
+
+/// How many runtimes serve calls: one per core, at most four.
+fn pool_size() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
+fn worker_thread(
+    program: Arc<Program>,
+    limits: Limits,
+    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    mut worker: Option<Worker>,
+) {
+    loop {
+        if worker.is_none() {
+            match Worker::new(program.clone(), limits.clone(), true) {
+                Ok((w, _)) => worker = Some(w),
+                Err(e) => {
+                    tracing::error!(script = %program.entry, "cannot restart the userscript runtime: {e}")
+                }
+            }
+        }
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        let Ok(job) = job else { return };
+        let res = match worker.as_mut() {
+            Some(w) => w.call(job.func, job.args, job.tx),
+            None => Err(ScriptError::Exception(format!(
+                "{}: the userscript runtime could not be restarted",
+                program.entry
+            ))),
+        };
+        if let Err(e) = &res {
+            if Worker::needs_restart(e) {
+                // Its heap or state may be inconsistent: start afresh.
+                worker = None;
+            }
+        }
+        let _ = job.reply.send(res);
+    }
 }
 
 impl Engine {
-    pub fn load(path: &Path, _limits: Limits) -> Result<Self, ScriptError> {
-        Err(ScriptError::Load(format!("{}: userscripts are not supported yet", path.display())))
+    pub fn load(path: &Path, limits: Limits) -> Result<Self, ScriptError> {
+        let program = Arc::new(load_program(path)?);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let (init_tx, init_rx) = mpsc::channel();
+        let n = pool_size();
+        for i in 0..n {
+            let program = program.clone();
+            let limits = limits.clone();
+            let rx = rx.clone();
+            let init_tx = init_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("userscript-{i}"))
+                .stack_size(8 << 20)
+                .spawn(move || {
+                    // Only the first runtime's top level may log.
+                    match Worker::new(program.clone(), limits.clone(), i > 0) {
+                        Ok((w, config)) => {
+                            let _ = init_tx.send(Ok(config));
+                            drop(init_tx);
+                            worker_thread(program, limits, rx, Some(w));
+                        }
+                        Err(e) => {
+                            let _ = init_tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(|e| ScriptError::Load(format!("cannot start a userscript thread: {e}")))?;
+        }
+        drop(init_tx);
+        let mut config_json = None;
+        for _ in 0..n {
+            match init_rx.recv() {
+                Ok(Ok(c)) => {
+                    config_json.get_or_insert(c);
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => break,
+            }
+        }
+        let config_json = config_json.ok_or_else(|| {
+            ScriptError::Load(format!("{}: the runtime did not start", program.entry))
+        })?;
+        let p = parse_config(&config_json)?;
+        Ok(Engine {
+            config: p.config,
+            source_names: p.source_names,
+            delete_fns: p.delete_fns,
+            map_fns: p.map_fns,
+            delete_key_fns: p.delete_key_fns,
+            jobs: Mutex::new(tx),
+            name: program.entry.clone(),
+        })
     }
+
     pub fn config(&self) -> &ScriptConfig {
         &self.config
     }
-    pub async fn dispatch(&self, _d: &str, _s: &str, _t: Option<&str>, _b: Vec<Mutation>) -> Result<Vec<Routed>, ScriptError> {
-        unreachable!()
+
+    async fn run(&self, func: &'static str, args: Vec<String>) -> Result<String, ScriptError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.submit(Job {
+            func,
+            args,
+            tx: None,
+            reply,
+        })?;
+        answer.await.map_err(|_| self.gone())?
     }
-    pub async fn map(&self, _t: &TableName, b: Vec<Mutation>) -> Result<Vec<Mutation>, ScriptError> {
-        Ok(b)
+
+    fn submit(&self, job: Job) -> Result<(), ScriptError> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .map_err(|_| self.gone())
     }
-    pub async fn merge(&self, _t: &TableName, _c: Vec<Conflict>) -> Result<Vec<MergeOutcome>, ScriptError> {
-        unreachable!()
+
+    fn gone(&self) -> ScriptError {
+        ScriptError::Exception(format!("{}: the userscript runtime stopped", self.name))
     }
-    pub async fn apply(&self, _t: &TableName, _o: Vec<ApplyOp>, _tx: &mut dyn ScriptTx) -> Result<(), ScriptError> {
-        unreachable!()
+
+    /// The name the script used for `table` in `configureTable`.
+    fn table_key(&self, table: &TableName) -> Option<&str> {
+        self.config.tables.keys().map(String::as_str).find(|name| {
+            TableName::resolve(name, &table.database, &table.schema)
+                .map(|t| &t == table)
+                .unwrap_or(false)
+        })
     }
+
+    pub async fn dispatch(
+        &self,
+        database: &str,
+        schema: &str,
+        default_table: Option<&str>,
+        batch: Vec<Mutation>,
+    ) -> Result<Vec<Routed>, ScriptError> {
+        let key = source_key(&format!("{database}.{schema}")).map_err(ScriptError::Invalid)?;
+        let (Some(src), Some(written)) =
+            (self.config.sources.get(&key), self.source_names.get(&key))
+        else {
+            return route_by_topic(database, schema, default_table, batch);
+        };
+        let topic_of = |m: &Mutation| -> Result<String, ScriptError> {
+            default_table
+                .map(str::to_string)
+                .or_else(|| m.topic.clone())
+                .ok_or_else(|| {
+                    ScriptError::Invalid(
+                        "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}"
+                            .to_string(),
+                    )
+                })
+        };
+        let resolve =
+            |name: &str| TableName::resolve(name, database, schema).map_err(ScriptError::Invalid);
+
+        if let Some(target) = &src.target {
+            let parts = split_ident(target).map_err(ScriptError::Invalid)?;
+            return batch
+                .into_iter()
+                .map(|m| {
+                    let table = if parts.len() == 2 {
+                        TableName::resolve(&topic_of(&m)?, &parts[0], &parts[1])
+                            .map_err(ScriptError::Invalid)?
+                    } else {
+                        resolve(target)?
+                    };
+                    Ok(Routed { table, mutation: m })
+                })
+                .collect();
+        }
+
+        let delete_fn = self.delete_fns.contains(&key);
+        // Rows that cross into JavaScript, as [doc, meta, isDelete].
+        let mut json = Vec::with_capacity(batch.len() * 128);
+        json.push(b'[');
+        let mut crossing = 0usize;
+        for m in &batch {
+            let topic = topic_of(m)?;
+            let doc = match (&m.after, delete_fn) {
+                (Some(after), _) => Value::Object(after.clone()),
+                (None, true) => match m.before.row() {
+                    Some(b) => Value::Object(b.clone()),
+                    None => Value::Object(Map::new()),
+                },
+                (None, false) => continue,
+            };
+            if crossing > 0 {
+                json.push(b',');
+            }
+            crossing += 1;
+            json.push(b'[');
+            serde_json::to_writer(&mut json, &doc)
+                .map_err(|e| ScriptError::Invalid(e.to_string()))?;
+            json.push(b',');
+            write_meta(&mut json, database, schema, &topic, m);
+            json.extend_from_slice(if m.after.is_none() {
+                b",true]"
+            } else {
+                b",false]"
+            });
+        }
+        json.push(b']');
+
+        let results: Vec<Value> = if crossing > 0 {
+            let out = self
+                .run(
+                    "dispatchBatch",
+                    vec![written.clone(), String::from_utf8(json).unwrap_or_default()],
+                )
+                .await?;
+            serde_json::from_str(&out)
+                .map_err(|e| ScriptError::Invalid(format!("dispatch output: {e}")))?
+        } else {
+            Vec::new()
+        };
+        let mut results = results.into_iter();
+        let mut routed = Vec::with_capacity(batch.len());
+        for (i, m) in batch.into_iter().enumerate() {
+            if m.after.is_none() && !delete_fn {
+                let name = match src.deletes_to.as_deref() {
+                    Some(t) if !t.is_empty() => t.to_string(),
+                    _ => topic_of(&m)?,
+                };
+                routed.push(Routed {
+                    table: resolve(&name)?,
+                    mutation: m,
+                });
+                continue;
+            }
+            let r = results.next().unwrap_or(Value::Null);
+            let bad = |what: &str| {
+                ScriptError::Invalid(format!(
+                    "dispatch for source {written} returned {what} for row {i}; expected {{table: [documents]}} or null"
+                ))
+            };
+            let map = match r {
+                Value::Null => continue,
+                Value::Object(map) => map,
+                other => return Err(bad(&short(&other))),
+            };
+            for (table, docs) in map {
+                let docs = match docs {
+                    Value::Null => continue,
+                    Value::Array(d) => d,
+                    other => return Err(bad(&format!("{{{table:?}: {}}}", short(&other)))),
+                };
+                let table = resolve(&table)?;
+                for d in docs {
+                    let mut mutation = m.clone();
+                    match d {
+                        Value::Object(doc) if m.after.is_some() => mutation.after = Some(doc),
+                        // A delete: the returned document names the row (its key).
+                        Value::Object(doc) => mutation.before = Before::Row(doc),
+                        other => return Err(bad(&format!("a non-document {}", short(&other)))),
+                    }
+                    routed.push(Routed {
+                        table: table.clone(),
+                        mutation,
+                    });
+                }
+            }
+        }
+        Ok(routed)
+    }
+
+    pub async fn map(
+        &self,
+        table: &TableName,
+        batch: Vec<Mutation>,
+    ) -> Result<Vec<Mutation>, ScriptError> {
+        let Some(key) = self.table_key(table) else {
+            return Ok(batch);
+        };
+        let raw = self.raw_table(key);
+        let mut json = Vec::with_capacity(batch.len() * 128);
+        json.push(b'[');
+        let mut crossing = 0usize;
+        for m in &batch {
+            let doc = match &m.after {
+                Some(after) if raw.map => Value::Object(after.clone()),
+                None if raw.delete_key_fn => Value::Array(m.key.clone().unwrap_or_default()),
+                _ => continue,
+            };
+            if crossing > 0 {
+                json.push(b',');
+            }
+            crossing += 1;
+            json.push(b'[');
+            serde_json::to_writer(&mut json, &doc)
+                .map_err(|e| ScriptError::Invalid(e.to_string()))?;
+            json.push(b',');
+            write_meta(&mut json, &table.database, &table.schema, &table.table, m);
+            json.extend_from_slice(if m.after.is_none() {
+                b",true]"
+            } else {
+                b",false]"
+            });
+        }
+        json.push(b']');
+        if crossing == 0 {
+            return Ok(batch);
+        }
+        let out = self
+            .run(
+                "mapBatch",
+                vec![key.to_string(), String::from_utf8(json).unwrap_or_default()],
+            )
+            .await?;
+        let results: Vec<Value> = serde_json::from_str(&out)
+            .map_err(|e| ScriptError::Invalid(format!("map output: {e}")))?;
+        let mut results = results.into_iter();
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, mut m) in batch.into_iter().enumerate() {
+            let crosses = if m.after.is_some() {
+                raw.map
+            } else {
+                raw.delete_key_fn
+            };
+            if !crosses {
+                out.push(m);
+                continue;
+            }
+            match (results.next().unwrap_or(Value::Null), m.after.is_some()) {
+                (Value::Null, _) => {}
+                (Value::Object(doc), true) => {
+                    m.after = Some(doc);
+                    out.push(m);
+                }
+                (Value::Array(k), false) => {
+                    m.key = Some(k);
+                    out.push(m);
+                }
+                (other, upsert) => {
+                    return Err(ScriptError::Invalid(format!(
+                        "{} for table {table} returned {} for row {i}; expected {}",
+                        if upsert { "map" } else { "deleteKey" },
+                        short(&other),
+                        if upsert {
+                            "a document or null"
+                        } else {
+                            "an array of key values or null"
+                        }
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn merge(
+        &self,
+        table: &TableName,
+        conflicts: Vec<Conflict>,
+    ) -> Result<Vec<MergeOutcome>, ScriptError> {
+        let key = self.table_key(table);
+        let has_fn = key
+            .and_then(|k| self.config.tables.get(k))
+            .map(|c| {
+                matches!(
+                    c.merge,
+                    Some(MergeKind::Custom) | Some(MergeKind::Standard { has_fallback: true })
+                )
+            })
+            .unwrap_or(false);
+        let (Some(key), true) = (key, has_fn) else {
+            return Err(ScriptError::Invalid(format!(
+                "table {table} has no merge function"
+            )));
+        };
+        if conflicts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ops: Vec<Value> = conflicts
+            .iter()
+            .map(|c| {
+                let mut op = Map::new();
+                if let Some(b) = &c.before {
+                    op.insert("before".into(), Value::Object(b.clone()));
+                }
+                op.insert(
+                    "proposed".into(),
+                    c.proposed.clone().map(Value::Object).unwrap_or(Value::Null),
+                );
+                op.insert("target".into(), Value::Object(c.target.clone()));
+                op.insert(
+                    "unmerged".into(),
+                    Value::Array(c.unmerged.iter().cloned().map(Value::String).collect()),
+                );
+                let mut meta = Map::new();
+                meta.insert("database".into(), table.database.clone().into());
+                meta.insert("schema".into(), table.schema.clone().into());
+                meta.insert("table".into(), table.table.clone().into());
+                meta.insert("nanos".into(), c.nanos.into());
+                meta.insert("logical".into(), c.logical.into());
+                op.insert("meta".into(), Value::Object(meta));
+                Value::Object(op)
+            })
+            .collect();
+        let json = serde_json::to_string(&ops).map_err(|e| ScriptError::Invalid(e.to_string()))?;
+        let out = self.run("mergeBatch", vec![key.to_string(), json]).await?;
+        let results: Vec<Value> = serde_json::from_str(&out)
+            .map_err(|e| ScriptError::Invalid(format!("merge output: {e}")))?;
+        if results.len() != conflicts.len() {
+            return Err(ScriptError::Invalid(format!(
+                "merge for table {table} returned the wrong number of results"
+            )));
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                let outcome = match &r {
+                    Value::Object(o) if o.len() == 1 => match o.iter().next() {
+                        Some((k, Value::Object(doc))) if k == "apply" => Some(MergeOutcome::Apply(doc.clone())),
+                        Some((k, Value::String(name))) if k == "dlq" && !name.is_empty() => {
+                            Some(MergeOutcome::Dlq(name.clone()))
+                        }
+                        Some((k, Value::Bool(true))) if k == "drop" => Some(MergeOutcome::Drop),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                outcome.ok_or_else(|| {
+                    ScriptError::Invalid(format!(
+                        "merge for table {table} returned {}; expected {{apply: document}}, {{dlq: name}} or {{drop: true}}",
+                        short(&r)
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    pub async fn apply(
+        &self,
+        table: &TableName,
+        ops: Vec<ApplyOp>,
+        tx: &mut dyn ScriptTx,
+    ) -> Result<(), ScriptError> {
+        let key = match self.table_key(table) {
+            Some(k) if self.config.tables[k].has_apply => k.to_string(),
+            _ => {
+                return Err(ScriptError::Invalid(format!(
+                    "table {table} has no apply function"
+                )))
+            }
+        };
+        let columns = tx.columns();
+        let primary: Vec<&str> = columns
+            .iter()
+            .filter(|c| c.primary)
+            .map(|c| c.name.as_str())
+            .collect();
+        let ops_json: Vec<Value> = ops
+            .into_iter()
+            .map(|op| {
+                let mut o = Map::new();
+                let mut meta = Map::new();
+                meta.insert("table".into(), table.table.clone().into());
+                meta.insert("schema".into(), table.schema.clone().into());
+                let before = match op {
+                    ApplyOp::Upsert { data, before } => {
+                        o.insert("action".into(), "upsert".into());
+                        let pk = primary
+                            .iter()
+                            .map(|c| {
+                                data.get(*c)
+                                    .or_else(|| data.get(&unquote(c)))
+                                    .cloned()
+                                    .unwrap_or(Value::Null)
+                            })
+                            .collect();
+                        o.insert("pk".into(), Value::Array(pk));
+                        o.insert("data".into(), Value::Object(data));
+                        before
+                    }
+                    ApplyOp::Delete { pk, before } => {
+                        o.insert("action".into(), "delete".into());
+                        o.insert("pk".into(), Value::Array(pk));
+                        before
+                    }
+                };
+                if let Some(b) = before {
+                    o.insert("before".into(), Value::Object(b));
+                }
+                o.insert("meta".into(), Value::Object(meta));
+                Value::Object(o)
+            })
+            .collect();
+        let json =
+            serde_json::to_string(&ops_json).map_err(|e| ScriptError::Invalid(e.to_string()))?;
+        let columns_json =
+            serde_json::to_string(&columns).map_err(|e| ScriptError::Invalid(e.to_string()))?;
+        let (requests, mut incoming) = tokio::sync::mpsc::unbounded_channel::<TxRequest>();
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        self.submit(Job {
+            func: "runApply",
+            args: vec![key, json],
+            tx: Some(TxBridge {
+                requests,
+                columns_json,
+                schema: tx.schema(),
+                table: tx.table(),
+            }),
+            reply,
+        })?;
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(req) = incoming.recv() => {
+                    let res = serve_tx(&mut *tx, req.kind, &req.sql, &req.args_json).await;
+                    let _ = req.reply.send(res);
+                }
+                res = &mut answer => break res.map_err(|_| self.gone())?,
+            }
+        };
+        result.map(|_| ())
+    }
+
+    fn raw_table(&self, key: &str) -> RawTable {
+        RawTable {
+            map: self.map_fns.contains(key),
+            delete_key_fn: self.delete_key_fns.contains(key),
+        }
+    }
+}
+
+struct RawTable {
+    map: bool,
+    delete_key_fn: bool,
+}
+
+async fn serve_tx(
+    tx: &mut dyn ScriptTx,
+    kind: TxKind,
+    sql: &str,
+    args_json: &str,
+) -> Result<String, String> {
+    match kind {
+        TxKind::Exec => {
+            let args: Vec<Value> = serde_json::from_str(args_json).map_err(|e| e.to_string())?;
+            tx.exec(sql, args).await.map(|n| n.to_string())
+        }
+        TxKind::Query => {
+            let args: Vec<Value> = serde_json::from_str(args_json).map_err(|e| e.to_string())?;
+            let rows = tx.query(sql, args).await?;
+            serde_json::to_string(&rows).map_err(|e| e.to_string())
+        }
+        TxKind::Apply => {
+            let ops: Vec<Value> = serde_json::from_str(args_json).map_err(|e| e.to_string())?;
+            let ops = ops
+                .into_iter()
+                .map(parse_op)
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.apply(ops).await.map(|_| "null".to_string())
+        }
+    }
+}
+
+/// Reads one `getTX().apply` operation: `{action: "upsert", data, before?}`
+/// or `{action: "delete", pk: [...], before?}`.
+fn parse_op(v: Value) -> Result<ApplyOp, String> {
+    let Value::Object(mut o) = v else {
+        return Err(format!(
+            "apply: each operation must be an object, not {}",
+            short(&v)
+        ));
+    };
+    let before = match o.remove("before") {
+        Some(Value::Object(b)) => Some(b),
+        _ => None,
+    };
+    match o.get("action").and_then(Value::as_str) {
+        Some("upsert") => match o.remove("data") {
+            Some(Value::Object(data)) => Ok(ApplyOp::Upsert { data, before }),
+            _ => Err("apply: an upsert needs data: {column: value, ...}".to_string()),
+        },
+        Some("delete") => match o.remove("pk") {
+            Some(Value::Array(pk)) => Ok(ApplyOp::Delete { pk, before }),
+            _ => Err("apply: a delete needs pk: [key values]".to_string()),
+        },
+        _ => Err("apply: action must be \"upsert\" or \"delete\"".to_string()),
+    }
+}
+
+fn unquote(c: &str) -> String {
+    c.trim_matches('"').replace("\"\"", "\"")
+}
+
+/// `{"schema":…,"table":…,"nanos":…,"logical":…,"key":…,"updated":…}`
+fn write_meta(out: &mut Vec<u8>, database: &str, schema: &str, table: &str, m: &Mutation) {
+    let mut meta = Map::new();
+    meta.insert("database".into(), database.into());
+    meta.insert("schema".into(), schema.into());
+    meta.insert("table".into(), table.into());
+    meta.insert("nanos".into(), m.updated.nanos.into());
+    meta.insert("logical".into(), m.updated.logical.into());
+    meta.insert("updated".into(), m.updated.to_string().into());
+    if let Some(k) = &m.key {
+        meta.insert("key".into(), Value::Array(k.clone()));
+    }
+    let _ = serde_json::to_writer(out, &meta);
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 80 {
+        format!("{}…", &s[..s.floor_char_boundary_compat(80)])
+    } else {
+        s
+    }
+}
+
+trait FloorCharBoundary {
+    fn floor_char_boundary_compat(&self, i: usize) -> usize;
+}
+
+impl FloorCharBoundary for str {
+    fn floor_char_boundary_compat(&self, mut i: usize) -> usize {
+        while i > 0 && !self.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    }
+}
+
+/// The normalized `database.schema` key of a source name (`kv` means `kv.public`).
+pub fn source_key(name: &str) -> Result<String, String> {
+    let mut parts = split_ident(name)?;
+    if parts.len() == 1 {
+        parts.push("public".to_string());
+    }
+    if parts.len() != 2 {
+        return Err(format!("source name {name:?} must be database.schema"));
+    }
+    Ok(parts.join("."))
+}
+
+/// Parses a Go-style duration (`1h`, `90m`, `1h30m`, `500ms`, `2.5s`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err =
+        || format!("invalid duration {s:?}: expected e.g. \"1h\", \"30m\", \"1h30m\", \"500ms\"");
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
+        if num_end == 0 {
+            return Err(err());
+        }
+        let n: f64 = rest[..num_end].parse().map_err(|_| err())?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(err()),
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+struct Parsed {
+    config: ScriptConfig,
+    source_names: HashMap<String, String>,
+    delete_fns: Vec<String>,
+    map_fns: HashSet<String>,
+    delete_key_fns: HashSet<String>,
+}
+
+fn parse_config(json: &str) -> Result<Parsed, ScriptError> {
+    let bad = |m: String| ScriptError::Load(m);
+    let v: Value = serde_json::from_str(json).map_err(|e| bad(format!("configuration: {e}")))?;
+    let mut config = ScriptConfig::default();
+    let mut names = HashMap::new();
+    let mut delete_fns = Vec::new();
+    let mut map_fns = HashSet::new();
+    let mut delete_key_fns = HashSet::new();
+    let strs = |v: Option<&Value>| -> Vec<String> {
+        v.and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if let Some(sources) = v.get("sources").and_then(Value::as_object) {
+        for (name, s) in sources {
+            let key = source_key(name).map_err(|e| bad(format!("configureSource: {e}")))?;
+            let target = s.get("target").and_then(Value::as_str).map(str::to_string);
+            if let Some(t) = &target {
+                split_ident(t)
+                    .map_err(|e| bad(format!("configureSource({name:?}): target: {e}")))?;
+            }
+            if s.get("deletesToFn")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+            {
+                delete_fns.push(key.clone());
+            }
+            config.sources.insert(
+                key.clone(),
+                SourceConfig {
+                    has_dispatch: s.get("dispatch").and_then(Value::as_bool).unwrap_or(false),
+                    deletes_to: s
+                        .get("deletesTo")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    target,
+                },
+            );
+            names.insert(key, name.clone());
+        }
+    }
+    if let Some(tables) = v.get("tables").and_then(Value::as_object) {
+        for (name, t) in tables {
+            TableName::resolve(name, "db", "schema")
+                .map_err(|e| bad(format!("configureTable: {e}")))?;
+            let mut deadlines = Vec::new();
+            if let Some(d) = t.get("deadlines").and_then(Value::as_object) {
+                for (col, dur) in d {
+                    let dur = dur.as_str().unwrap_or_default();
+                    let parsed = parse_duration(dur).map_err(|e| {
+                        bad(format!("configureTable({name:?}): deadlines.{col}: {e}"))
+                    })?;
+                    deadlines.push((col.clone(), parsed));
+                }
+            }
+            let exprs = t
+                .get("exprs")
+                .and_then(Value::as_object)
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let merge = match t.get("merge").and_then(Value::as_str) {
+                Some("custom") => Some(MergeKind::Custom),
+                Some("standard") => Some(MergeKind::Standard {
+                    has_fallback: false,
+                }),
+                Some("standard+fallback") => Some(MergeKind::Standard { has_fallback: true }),
+                _ => None,
+            };
+            let has_map = t.get("map").and_then(Value::as_bool).unwrap_or(false);
+            let delete_key_fn = t
+                .get("deleteKeyFn")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if has_map {
+                map_fns.insert(name.clone());
+            }
+            if delete_key_fn {
+                delete_key_fns.insert(name.clone());
+            }
+            config.tables.insert(
+                name.clone(),
+                TableConfig {
+                    cas: strs(t.get("cas")),
+                    deadlines,
+                    delete_key: strs(t.get("deleteKey")),
+                    exprs,
+                    extras: t.get("extras").and_then(Value::as_str).map(str::to_string),
+                    ignore: strs(t.get("ignore")),
+                    has_map: has_map || delete_key_fn,
+                    has_apply: t.get("apply").and_then(Value::as_bool).unwrap_or(false),
+                    merge,
+                    row_limit: t
+                        .get("rowLimit")
+                        .and_then(Value::as_u64)
+                        .map(|n| n as usize),
+                },
+            );
+        }
+    }
+    if let Some(opts) = v.get("options").and_then(Value::as_object) {
+        for (k, val) in opts {
+            config
+                .options
+                .insert(k.clone(), val.as_str().unwrap_or_default().to_string());
+        }
+    }
+    Ok(Parsed {
+        config,
+        source_names: names,
+        delete_fns,
+        map_fns,
+        delete_key_fns,
+    })
 }

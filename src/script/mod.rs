@@ -207,8 +207,14 @@ pub enum MergeOutcome {
 /// One operation handed to a script's `apply` function or to `getTX().apply`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApplyOp {
-    Upsert { data: Document, before: Option<Document> },
-    Delete { pk: Vec<Value>, before: Option<Document> },
+    Upsert {
+        data: Document,
+        before: Option<Document>,
+    },
+    Delete {
+        pk: Vec<Value>,
+        before: Option<Document>,
+    },
 }
 
 /// A target column as `getTX().columns()` describes it.
@@ -401,6 +407,7 @@ pub fn route_by_topic(
 pub const API_DTS: &str = include_str!("../../userscripts/meridian.d.ts");
 
 mod engine;
+mod runtime;
 mod transpile;
 
 #[cfg(test)]

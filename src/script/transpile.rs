@@ -100,9 +100,13 @@ pub fn transpile(name: &str, source: &str) -> Result<Transpiled, String> {
     let scoping = semantic.semantic.into_scoping();
 
     let options = TransformOptions::default();
-    let ret = Transformer::new(&allocator, path, &options).build_with_scoping(scoping, &mut program);
+    let ret =
+        Transformer::new(&allocator, path, &options).build_with_scoping(scoping, &mut program);
     let errors: Vec<_> = ret.diagnostics.into_vec();
-    if let Some(e) = errors.iter().find(|d| d.severity == oxc::diagnostics::Severity::Error) {
+    if let Some(e) = errors
+        .iter()
+        .find(|d| d.severity == oxc::diagnostics::Severity::Error)
+    {
         return Err(fail(std::slice::from_ref(e)));
     }
 
@@ -131,7 +135,14 @@ pub fn transpile(name: &str, source: &str) -> Result<Transpiled, String> {
         .as_ref()
         .map(|m| {
             m.get_tokens()
-                .map(|t| (t.get_dst_line(), t.get_dst_col(), t.get_src_line(), t.get_src_col()))
+                .map(|t| {
+                    (
+                        t.get_dst_line(),
+                        t.get_dst_col(),
+                        t.get_src_line(),
+                        t.get_src_col(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();

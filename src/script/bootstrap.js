@@ -1,0 +1,269 @@
+// The userscript API (`replicator@v1` / `cdc-sink@v1`) and the batch entry
+// points meridian calls. Evaluated once per runtime, before the user's script,
+// with `__meridian_native` holding the host functions (log, uuid, tx, level).
+(function (native) {
+  "use strict";
+  const STANDARD = Symbol("standardMerge");
+  const reg = {
+    sources: Object.create(null),
+    tables: Object.create(null),
+    options: Object.create(null),
+    tx: null,
+  };
+
+  // ---- console ----------------------------------------------------------
+  function show(v) {
+    if (typeof v === "string") return v;
+    if (v === undefined) return "undefined";
+    if (v instanceof Error) return String(v);
+    if (typeof v === "function") return "[function " + (v.name || "anonymous") + "]";
+    if (typeof v === "bigint" || typeof v === "symbol") return String(v);
+    try {
+      const s = JSON.stringify(v);
+      return s === undefined ? String(v) : s;
+    } catch (e) {
+      return String(v);
+    }
+  }
+  const levels = { trace: 0, debug: 1, log: 2, info: 2, warn: 3, error: 4 };
+  const console = {};
+  for (const name of Object.keys(levels)) {
+    const lvl = levels[name];
+    console[name] = function (...args) {
+      // Cheap when the daemon's log level filters this level out.
+      if (lvl < native.level) return;
+      let msg = "";
+      for (let i = 0; i < args.length; i++) msg += (i ? " " : "") + show(args[i]);
+      native.log(lvl, msg);
+    };
+  }
+  Object.defineProperty(globalThis, "console", {
+    value: console,
+    writable: true,
+    configurable: true,
+    enumerable: false,
+  });
+
+  // ---- configuration ----------------------------------------------------
+  function fail(msg) {
+    throw new TypeError(msg);
+  }
+  function isObj(v) {
+    return v !== null && typeof v === "object" && !Array.isArray(v);
+  }
+  function isStrings(v) {
+    return Array.isArray(v) && v.every((x) => typeof x === "string");
+  }
+  function q(s) {
+    return JSON.stringify(s);
+  }
+
+  function configureSource(name, props) {
+    if (typeof name !== "string" || name === "")
+      fail("configureSource: the source name must be a non-empty string");
+    const where = "configureSource(" + q(name) + "): ";
+    if (!isObj(props)) fail(where + "the second argument must be an object");
+    const hasDispatch = props.dispatch !== undefined;
+    const hasTarget = props.target !== undefined;
+    if (hasDispatch === hasTarget) fail(where + "give exactly one of dispatch or target");
+    if (hasDispatch && typeof props.dispatch !== "function")
+      fail(where + "dispatch must be a function");
+    if (hasTarget && (typeof props.target !== "string" || props.target === ""))
+      fail(where + "target must be a table name");
+    const d = props.deletesTo;
+    if (d !== undefined && d !== null && typeof d !== "string" && typeof d !== "function")
+      fail(where + "deletesTo must be a table name or a function");
+    for (const k of Object.keys(props)) {
+      if (!["dispatch", "deletesTo", "target", "recurse"].includes(k))
+        fail(where + "unknown property " + k);
+    }
+    reg.sources[name] = { dispatch: props.dispatch, deletesTo: d, target: props.target };
+  }
+
+  const TABLE_KEYS = ["apply", "cas", "deadlines", "deleteKey", "exprs", "extras", "ignore", "map", "merge", "rowLimit"];
+  function configureTable(name, props) {
+    if (typeof name !== "string" || name === "")
+      fail("configureTable: the table name must be a non-empty string");
+    const where = "configureTable(" + q(name) + "): ";
+    if (props === undefined) props = {};
+    if (!isObj(props)) fail(where + "the second argument must be an object");
+    for (const k of Object.keys(props)) {
+      if (!TABLE_KEYS.includes(k)) fail(where + "unknown property " + k);
+    }
+    const p = props;
+    if (p.apply !== undefined && typeof p.apply !== "function") fail(where + "apply must be a function");
+    if (p.cas !== undefined && !isStrings(p.cas)) fail(where + "cas must be an array of column names");
+    if (p.deadlines !== undefined) {
+      if (!isObj(p.deadlines)) fail(where + "deadlines must map columns to durations such as \"1h\"");
+      for (const [c, v] of Object.entries(p.deadlines)) {
+        if (typeof v !== "string") fail(where + "deadline for " + c + " must be a duration string such as \"1h\"");
+      }
+    }
+    if (p.deleteKey !== undefined && typeof p.deleteKey !== "function" && !isStrings(p.deleteKey))
+      fail(where + "deleteKey must be a function or an array of column names");
+    if (p.exprs !== undefined) {
+      if (!isObj(p.exprs)) fail(where + "exprs must map columns to SQL expressions");
+      for (const [c, v] of Object.entries(p.exprs)) {
+        if (typeof v !== "string") fail(where + "expression for " + c + " must be a string");
+      }
+    }
+    if (p.extras !== undefined && typeof p.extras !== "string") fail(where + "extras must be a column name");
+    if (p.ignore !== undefined && !isObj(p.ignore) && !isStrings(p.ignore))
+      fail(where + "ignore must map columns to true (or list columns)");
+    if (p.map !== undefined && typeof p.map !== "function") fail(where + "map must be a function");
+    if (p.merge !== undefined && typeof p.merge !== "function" && !(isObj(p.merge) && p.merge[STANDARD]))
+      fail(where + "merge must be a function or standardMerge(...)");
+    if (p.rowLimit !== undefined && !(Number.isInteger(p.rowLimit) && p.rowLimit > 0))
+      fail(where + "rowLimit must be a positive integer");
+    reg.tables[name] = Object.assign({}, p);
+  }
+
+  function standardMerge(fallback) {
+    if (fallback !== undefined && fallback !== null && typeof fallback !== "function")
+      fail("standardMerge: the fallback must be a function");
+    return Object.freeze({ [STANDARD]: true, fallback: fallback || null });
+  }
+
+  function getTX() {
+    if (reg.tx === null) throw new Error("getTX() may only be called while a table's apply function runs");
+    return reg.tx;
+  }
+
+  function setOptions(opts) {
+    if (!isObj(opts)) fail("setOptions: the argument must be an object of flag names to values");
+    for (const [k, v] of Object.entries(opts)) reg.options[k] = String(v);
+  }
+
+  const api = Object.freeze({
+    configureSource,
+    configureTable,
+    standardMerge,
+    getTX,
+    randomUUID: () => native.uuid(),
+    setOptions,
+    // `meta[replicationKey]` holds the changed row's primary key values.
+    replicationKey: "key",
+  });
+
+  // ---- what meridian calls ---------------------------------------------
+  function ignoreList(ig) {
+    if (ig === undefined) return [];
+    if (Array.isArray(ig)) return ig;
+    return Object.keys(ig).filter((k) => ig[k]);
+  }
+
+  function describe() {
+    const out = { sources: {}, tables: {}, options: Object.assign({}, reg.options) };
+    for (const k of Object.keys(reg.sources)) {
+      const s = reg.sources[k];
+      out.sources[k] = {
+        dispatch: typeof s.dispatch === "function",
+        deletesTo: typeof s.deletesTo === "string" ? s.deletesTo : null,
+        deletesToFn: typeof s.deletesTo === "function",
+        target: s.target === undefined ? null : s.target,
+      };
+    }
+    for (const k of Object.keys(reg.tables)) {
+      const t = reg.tables[k];
+      let merge = null;
+      if (typeof t.merge === "function") merge = "custom";
+      else if (t.merge) merge = t.merge.fallback ? "standard+fallback" : "standard";
+      out.tables[k] = {
+        apply: typeof t.apply === "function",
+        cas: t.cas || [],
+        deadlines: t.deadlines || {},
+        deleteKey: Array.isArray(t.deleteKey) ? t.deleteKey : [],
+        deleteKeyFn: typeof t.deleteKey === "function",
+        exprs: t.exprs || {},
+        extras: t.extras === undefined ? null : t.extras,
+        ignore: ignoreList(t.ignore),
+        map: typeof t.map === "function",
+        merge,
+        rowLimit: t.rowLimit === undefined ? null : t.rowLimit,
+      };
+    }
+    return JSON.stringify(out);
+  }
+
+  // rows: [[doc, meta, isDelete], ...]; one result (or null) per row.
+  function dispatchBatch(key, json) {
+    const s = reg.sources[key];
+    const rows = JSON.parse(json);
+    const out = new Array(rows.length);
+    for (let i = 0; i < rows.length; i++) {
+      const r = rows[i];
+      const v = r[2] ? s.deletesTo(r[0], r[1]) : s.dispatch(r[0], r[1]);
+      out[i] = v === undefined ? null : v;
+    }
+    return JSON.stringify(out);
+  }
+
+  // rows: [[doc, meta], ...] for upserts, [[key, meta, true], ...] for deletes.
+  function mapBatch(key, json) {
+    const t = reg.tables[key];
+    const rows = JSON.parse(json);
+    const out = new Array(rows.length);
+    for (let i = 0; i < rows.length; i++) {
+      const r = rows[i];
+      let v;
+      if (r[2]) v = typeof t.deleteKey === "function" ? t.deleteKey(r[0], r[1]) : r[0];
+      else v = typeof t.map === "function" ? t.map(r[0], r[1]) : r[0];
+      out[i] = v === undefined ? null : v;
+    }
+    return JSON.stringify(out);
+  }
+
+  function mergeBatch(key, json) {
+    const t = reg.tables[key];
+    const fn = typeof t.merge === "function" ? t.merge : t.merge && t.merge.fallback;
+    if (typeof fn !== "function") throw new Error("table " + key + " has no merge function");
+    const ops = JSON.parse(json);
+    const out = new Array(ops.length);
+    for (let i = 0; i < ops.length; i++) {
+      const v = fn(ops[i]);
+      out[i] = v === undefined ? null : v;
+    }
+    return JSON.stringify(out);
+  }
+
+  function settle(f) {
+    try {
+      return Promise.resolve(f());
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  }
+
+  function makeTx(columns, schema, table) {
+    return Object.freeze({
+      exec: (sql, ...args) =>
+        settle(() => {
+          native.tx("exec", String(sql), JSON.stringify(args));
+        }),
+      query: (sql, ...args) => settle(() => JSON.parse(native.tx("query", String(sql), JSON.stringify(args)))),
+      apply: (ops) =>
+        settle(() => {
+          native.tx("apply", "", JSON.stringify(ops));
+        }),
+      columns: () => columns.map((c) => Object.assign({}, c)),
+      schema: () => schema,
+      table: () => table,
+    });
+  }
+
+  function runApply(key, json, columnsJson, schema, table) {
+    const t = reg.tables[key];
+    reg.tx = makeTx(JSON.parse(columnsJson), schema, table);
+    return settle(() => t.apply(JSON.parse(json))).then(() => "null");
+  }
+
+  function endApply() {
+    reg.tx = null;
+  }
+
+  Object.defineProperty(globalThis, "__meridian", {
+    value: Object.freeze({ api, describe, dispatchBatch, mapBatch, mergeBatch, runApply, endApply }),
+    enumerable: false,
+  });
+})(globalThis.__meridian_native);
+delete globalThis.__meridian_native;

@@ -1,0 +1,2 @@
+import {replicateTo} from "repl";
+replicateTo('west','kv.public', ['kv.public.kv'])
