@@ -128,7 +128,11 @@ impl Sink {
                 }
                 Ok(resp) => {
                     let status = resp.status();
-                    let kind = if status.is_client_error() { "4xx" } else { "5xx" };
+                    let kind = if status.is_client_error() {
+                        "4xx"
+                    } else {
+                        "5xx"
+                    };
                     self.metrics.errors.with_label_values(&[kind]).inc();
                     let text = resp.text().await.unwrap_or_default();
                     let text: String = text.chars().take(2000).collect();
@@ -142,7 +146,11 @@ impl Sink {
                     }
                 }
                 Err(e) => {
-                    let kind = if e.is_timeout() { "timeout" } else { "transport" };
+                    let kind = if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "transport"
+                    };
                     self.metrics.errors.with_label_values(&[kind]).inc();
                     tracing::warn!(error = %e, attempt, "sending to the sink failed; retrying in {delay:?}");
                 }
@@ -162,9 +170,10 @@ mod tests {
 
     #[test]
     fn sink_urls() {
-        let (u, i) =
-            parse_sink_url("webhook-https://127.0.0.1:30004/kv/public?insecure_tls_skip_verify=true")
-                .unwrap();
+        let (u, i) = parse_sink_url(
+            "webhook-https://127.0.0.1:30004/kv/public?insecure_tls_skip_verify=true",
+        )
+        .unwrap();
         assert_eq!(u.as_str(), "https://127.0.0.1:30004/kv/public");
         assert!(i);
         let (u, i) = parse_sink_url("webhook-http://h:1/kv/public?x=1").unwrap();

@@ -31,8 +31,8 @@ fn array_element(oid: u32) -> Option<u32> {
         199 => JSON,
         3807 => JSONB,
         // Text-like arrays: elements stay strings.
-        1009 | 1015 | 1014 | 2951 | 1115 | 1185 | 1182 | 1183 | 1270 | 1187 | 1041 | 651
-        | 1040 | 1003 => 25,
+        1009 | 1015 | 1014 | 2951 | 1115 | 1185 | 1182 | 1183 | 1270 | 1187 | 1041 | 651 | 1040
+        | 1003 => 25,
         _ => return None,
     })
 }
@@ -172,7 +172,10 @@ mod tests {
     #[test]
     fn scalars() {
         assert_eq!(text_to_json(INT4, "42"), json!(42));
-        assert_eq!(text_to_json(INT8, "-9223372036854775808").to_string(), "-9223372036854775808");
+        assert_eq!(
+            text_to_json(INT8, "-9223372036854775808").to_string(),
+            "-9223372036854775808"
+        );
         assert_eq!(
             text_to_json(NUMERIC, "12345678901234567890.123456789012345").to_string(),
             "12345678901234567890.123456789012345"
@@ -182,7 +185,10 @@ mod tests {
         assert_eq!(text_to_json(FLOAT8, "Infinity"), json!("Infinity"));
         assert_eq!(text_to_json(FLOAT8, "-1.5e-07").to_string(), "-1.5e-07");
         assert_eq!(text_to_json(BOOL, "t"), json!(true));
-        assert_eq!(text_to_json(JSONB, r#"{"a": [1, 2]}"#), json!({"a": [1, 2]}));
+        assert_eq!(
+            text_to_json(JSONB, r#"{"a": [1, 2]}"#),
+            json!({"a": [1, 2]})
+        );
         assert_eq!(text_to_json(BYTEA, "\\x0102"), json!("\\x0102"));
         assert_eq!(text_to_json(25, "hello"), json!("hello"));
     }

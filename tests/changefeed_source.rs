@@ -1,0 +1,810 @@
+//! `meridian changefeed` against real PostgreSQL, sending to a small
+//! in-test webhook receiver that records what it accepted and can be told to
+//! fail.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use meridian::changefeed::Hlc;
+use meridian::metrics::ChangefeedMetrics;
+use meridian::pgcluster::{self, wait_for};
+use meridian::source::postgres::{run_changefeed, ChangefeedOptions};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Default)]
+struct SinkState {
+    /// Bodies answered 2xx, in order.
+    accepted: Vec<Value>,
+    /// Every request, with the status it got.
+    attempts: Vec<(u16, Value)>,
+    /// Statuses to answer next (then 200).
+    fail_next: VecDeque<u16>,
+    /// Answer this to everything while set.
+    fail_all: Option<u16>,
+    auth: Vec<Option<String>>,
+}
+
+#[derive(Clone)]
+struct TestSink {
+    addr: SocketAddr,
+    state: Arc<Mutex<SinkState>>,
+}
+
+impl TestSink {
+    async fn start() -> TestSink {
+        let state = Arc::new(Mutex::new(SinkState::default()));
+        let app = axum::Router::new()
+            .route("/{*path}", axum::routing::post(handle))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TestSink { addr, state }
+    }
+
+    fn url(&self) -> String {
+        format!("webhook-http://{}/db/public", self.addr)
+    }
+
+    /// Rows accepted, in order (payload entries only).
+    fn rows(&self) -> Vec<Value> {
+        let s = self.state.lock().unwrap();
+        s.accepted
+            .iter()
+            .filter_map(|b| b.get("payload").and_then(|p| p.as_array()).cloned())
+            .flatten()
+            .collect()
+    }
+
+    fn accepted(&self) -> Vec<Value> {
+        self.state.lock().unwrap().accepted.clone()
+    }
+
+    async fn wait_rows(&self, n: usize) -> Vec<Value> {
+        let ok = wait_for(Duration::from_secs(30), || {
+            let me = self.clone();
+            async move { me.rows().len() >= n }
+        })
+        .await;
+        let rows = self.rows();
+        assert!(ok, "expected {n} rows, got {}: {rows:#?}", rows.len());
+        rows
+    }
+}
+
+async fn handle(
+    State(state): State<Arc<Mutex<SinkState>>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> (StatusCode, String) {
+    let v: Value = serde_json::from_str(&body).expect("the changefeed sends JSON");
+    let mut s = state.lock().unwrap();
+    s.auth.push(
+        headers
+            .get("authorization")
+            .map(|h| h.to_str().unwrap().to_string()),
+    );
+    let status = s
+        .fail_all
+        .or_else(|| s.fail_next.pop_front())
+        .unwrap_or(200);
+    s.attempts.push((status, v.clone()));
+    if status == 200 {
+        s.accepted.push(v);
+        (StatusCode::OK, String::new())
+    } else {
+        (
+            StatusCode::from_u16(status).unwrap(),
+            format!("test sink says {status}"),
+        )
+    }
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+    metrics: ChangefeedMetrics,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("changefeed stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn options(url: &str, tables: &[&str], sink: &TestSink) -> ChangefeedOptions {
+    let mut o = ChangefeedOptions::new(
+        url,
+        tables.iter().map(|s| s.to_string()).collect(),
+        sink.url(),
+    );
+    o.retry_initial = Duration::from_millis(20);
+    o.retry_max = Duration::from_millis(100);
+    o.client_timeout = Duration::from_secs(5);
+    o
+}
+
+fn start(opts: ChangefeedOptions) -> Running {
+    let (tx, rx) = watch::channel(false);
+    let metrics = ChangefeedMetrics::new();
+    let m = metrics.clone();
+    let task = tokio::spawn(async move { run_changefeed(opts, m, rx).await });
+    Running {
+        stop: tx,
+        task,
+        metrics,
+    }
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+/// Waits until the changefeed's slot exists (so later writes are captured).
+async fn wait_slot(db: &tokio_postgres::Client, slot: &str) {
+    let ok = wait_for(Duration::from_secs(20), || async {
+        db.query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .is_some()
+    })
+    .await;
+    assert!(ok, "slot {slot} was not created");
+}
+
+fn updated(row: &Value) -> Hlc {
+    row["updated"].as_str().unwrap().parse().unwrap()
+}
+
+async fn kv_db(name: &str) -> (String, tokio_postgres::Client) {
+    let url = pgcluster::shared()
+        .unwrap()
+        .fresh_database(name)
+        .await
+        .unwrap();
+    let db = connect(&url).await;
+    db.batch_execute(
+        "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT, n NUMERIC, j JSONB, b BOOL, f FLOAT8, \
+         a INT4[], ts TIMESTAMPTZ, by BYTEA); ALTER TABLE kv REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    (url, db)
+}
+
+fn ks(rows: &[Value]) -> Vec<i64> {
+    rows.iter().map(|r| r["key"][0].as_i64().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_format_of_insert_update_delete() {
+    let (url, db) = kv_db("cf_wire").await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["cf_wire.public.kv"], &sink);
+    o.name = "cf_wire".into();
+    o.auth_token = Some("sekret".into());
+    let feed = start(o);
+    wait_slot(&db, "cf_wire").await;
+
+    db.batch_execute(
+        "INSERT INTO kv VALUES (1, 'one', 12345678901234567890.000000000001, '{\"x\": [1, 2]}', true, \
+         1.5, '{1,NULL,3}', '2024-01-02 03:04:05.678901+00', '\\x0102');",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("UPDATE kv SET v = 'uno', n = 'NaN', f = 'Infinity' WHERE k = 1")
+        .await
+        .unwrap();
+    db.batch_execute("DELETE FROM kv WHERE k = 1")
+        .await
+        .unwrap();
+    // One transaction, two rows: one `updated`.
+    db.batch_execute("BEGIN; INSERT INTO kv (k, v) VALUES (2, 'two'); INSERT INTO kv (k, v) VALUES (3, 'three'); COMMIT;")
+        .await
+        .unwrap();
+
+    let rows = sink.wait_rows(5).await;
+    assert_eq!(rows.len(), 5, "{rows:#?}");
+    let ins = &rows[0];
+    let keys: Vec<&str> = ins
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(keys, ["after", "before", "key", "topic", "updated"]);
+    assert_eq!(ins["topic"], json!("kv"));
+    assert_eq!(ins["key"], json!([1]));
+    assert_eq!(ins["before"], Value::Null);
+    let after = &ins["after"];
+    assert_eq!(after["k"], json!(1));
+    assert_eq!(after["v"], json!("one"));
+    assert_eq!(
+        serde_json::to_string(&after["n"]).unwrap(),
+        "12345678901234567890.000000000001"
+    );
+    assert_eq!(after["j"], json!({"x": [1, 2]}));
+    assert_eq!(after["b"], json!(true));
+    assert_eq!(after["f"], json!(1.5));
+    assert_eq!(after["a"], json!([1, null, 3]));
+    assert_eq!(after["ts"], json!("2024-01-02 03:04:05.678901+00"));
+    assert_eq!(after["by"], json!("\\x0102"));
+
+    let upd = &rows[1];
+    assert_eq!(upd["before"]["v"], json!("one"));
+    assert_eq!(upd["after"]["v"], json!("uno"));
+    assert_eq!(upd["after"]["n"], json!("NaN"));
+    assert_eq!(upd["after"]["f"], json!("Infinity"));
+    assert_eq!(upd["after"]["j"], json!({"x": [1, 2]}));
+
+    let del = &rows[2];
+    assert_eq!(del["after"], Value::Null);
+    assert_eq!(del["before"]["v"], json!("uno"));
+    assert_eq!(del["key"], json!([1]));
+
+    assert_eq!(
+        rows[3]["updated"], rows[4]["updated"],
+        "one txn, one updated"
+    );
+    for w in rows[..4].windows(2) {
+        assert!(
+            updated(&w[0]) < updated(&w[1]),
+            "updated strictly increases: {w:?}"
+        );
+    }
+    // updated is the commit time: close to now, nanosecond wall time.
+    let age = now_nanos() - updated(&rows[0]).nanos;
+    assert!(
+        (0..60_000_000_000).contains(&age),
+        "updated is a recent commit time: {age}"
+    );
+
+    // Envelope and auth.
+    let bodies = sink.accepted();
+    for b in &bodies {
+        let n = b["payload"].as_array().unwrap().len();
+        assert_eq!(b["length"], json!(n));
+    }
+    assert!(sink
+        .state
+        .lock()
+        .unwrap()
+        .auth
+        .iter()
+        .all(|a| a.as_deref() == Some("Bearer sekret")));
+    assert_eq!(
+        feed.metrics
+            .rows_sent
+            .with_label_values(&["public", "kv"])
+            .get(),
+        5
+    );
+    assert!(feed.metrics.batches_sent.get() >= 1);
+    feed.stop().await;
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolved_is_monotonic_and_never_ahead_of_unsent_rows() {
+    let (url, db) = kv_db("cf_resolved").await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_resolved".into();
+    o.resolved_interval = Some(Duration::from_millis(100));
+    let feed = start(o);
+    wait_slot(&db, "cf_resolved").await;
+
+    // Idle: resolved still advances.
+    let ok = wait_for(Duration::from_secs(10), || {
+        let s = sink.clone();
+        async move {
+            s.accepted()
+                .iter()
+                .filter(|b| b.get("resolved").is_some())
+                .count()
+                >= 3
+        }
+    })
+    .await;
+    assert!(ok, "resolved timestamps while idle");
+
+    // Concurrent writers while resolved timestamps flow.
+    let mut tasks = Vec::new();
+    for w in 0..4i64 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let db = connect(&url).await;
+            for i in 0..50i64 {
+                let k = w * 1000 + i;
+                db.execute("INSERT INTO kv (k, v) VALUES ($1, 'x')", &[&k])
+                    .await
+                    .unwrap();
+                if i % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    sink.wait_rows(200).await;
+    let last_row_updated = sink.rows().iter().map(updated).max().unwrap();
+    // A resolved at or past the last row arrives.
+    let ok = wait_for(Duration::from_secs(10), || {
+        let s = sink.clone();
+        async move {
+            s.accepted().iter().any(|b| {
+                b.get("resolved").is_some_and(|r| {
+                    r.as_str().unwrap().parse::<Hlc>().unwrap() >= last_row_updated
+                })
+            })
+        }
+    })
+    .await;
+    assert!(ok, "resolved catches up with the rows");
+    feed.stop().await;
+
+    let mut last_resolved = Hlc::default();
+    let mut last_updated = Hlc::default();
+    for b in sink.accepted() {
+        if let Some(r) = b.get("resolved") {
+            let r: Hlc = r.as_str().unwrap().parse().unwrap();
+            assert!(r > last_resolved, "resolved never goes backwards");
+            assert!(r >= last_updated, "resolved covers what was sent");
+            last_resolved = r;
+        } else {
+            for row in b["payload"].as_array().unwrap() {
+                let u = updated(row);
+                assert!(
+                    u > last_resolved,
+                    "row {row} sent after resolved {last_resolved}"
+                );
+                assert!(u >= last_updated, "updated never goes backwards");
+                last_updated = u;
+            }
+        }
+    }
+    let mut keys = ks(&sink.rows());
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_and_4xx_are_retried_not_skipped() {
+    let (url, db) = kv_db("cf_retry").await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_retry".into();
+    let feed = start(o);
+    wait_slot(&db, "cf_retry").await;
+
+    sink.state.lock().unwrap().fail_next.extend([500, 503]);
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'a'), (2, 'b')")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(2).await;
+    assert_eq!(ks(&rows), [1, 2]);
+
+    sink.state.lock().unwrap().fail_next.extend([400, 400, 422]);
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (3, 'c')")
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (4, 'd')")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(4).await;
+    assert_eq!(ks(&rows), [1, 2, 3, 4], "nothing skipped, order kept");
+    {
+        let s = sink.state.lock().unwrap();
+        let failed: Vec<u16> = s
+            .attempts
+            .iter()
+            .map(|a| a.0)
+            .filter(|&c| c != 200)
+            .collect();
+        assert_eq!(failed, [500, 503, 400, 400, 422]);
+        // The rejected batch is the one sent again.
+        let rejected = &s.attempts.iter().find(|a| a.0 == 400).unwrap().1;
+        assert_eq!(rejected["payload"][0]["key"], json!([3]));
+    }
+    assert!(feed.metrics.retries.get() >= 5);
+    assert_eq!(feed.metrics.errors.with_label_values(&["5xx"]).get(), 2);
+    assert_eq!(feed.metrics.errors.with_label_values(&["4xx"]).get(), 3);
+    feed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_without_loss_or_endless_resends() {
+    let (url, db) = kv_db("cf_restart").await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_restart".into();
+
+    let feed = start(o.clone());
+    wait_slot(&db, "cf_restart").await;
+    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'first' FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    sink.wait_rows(10).await;
+    feed.stop().await;
+
+    // Written while the changefeed is down.
+    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'second' FROM generate_series(11, 20) g")
+        .await
+        .unwrap();
+
+    // The sink refuses everything: nothing is acknowledged.
+    sink.state.lock().unwrap().fail_all = Some(500);
+    let feed = start(o.clone());
+    let ok = wait_for(Duration::from_secs(20), || {
+        let s = sink.clone();
+        async move {
+            s.state
+                .lock()
+                .unwrap()
+                .attempts
+                .iter()
+                .filter(|a| a.0 == 500)
+                .count()
+                >= 2
+        }
+    })
+    .await;
+    assert!(
+        ok,
+        "the changefeed tried to send the rows written while it was down"
+    );
+    feed.stop().await;
+
+    // Now it accepts: rows 11..20 come (again), rows 1..10 do not.
+    {
+        let mut s = sink.state.lock().unwrap();
+        s.fail_all = None;
+        s.accepted.clear();
+    }
+    let feed = start(o.clone());
+    let rows = sink.wait_rows(10).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rows2 = sink.rows();
+    assert_eq!(rows.len(), rows2.len(), "no endless re-sends");
+    assert_eq!(ks(&rows2), (11..=20).collect::<Vec<_>>());
+    feed.stop().await;
+
+    // A fresh start after everything was acknowledged sends nothing old.
+    sink.state.lock().unwrap().accepted.clear();
+    let feed = start(o);
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (21, 'third')")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ks(&sink.rows()), [21], "{rows:?}");
+    feed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_by_rows_and_large_transactions() {
+    let (url, db) = kv_db("cf_batch").await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_batch".into();
+    o.flush_rows = 100;
+    o.poll_changes = 50; // smaller than the transaction: it is read whole
+    let feed = start(o);
+    wait_slot(&db, "cf_batch").await;
+    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'x' FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(1000).await;
+    assert_eq!(ks(&rows), (1..=1000).collect::<Vec<_>>());
+    let bodies = sink.accepted();
+    assert!(bodies.len() >= 10);
+    assert!(bodies.iter().all(|b| b["length"].as_u64().unwrap() <= 100));
+    let first = rows[0]["updated"].clone();
+    assert!(
+        rows.iter().all(|r| r["updated"] == first),
+        "one txn, one updated"
+    );
+    feed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconfigured_sources_say_what_to_fix() {
+    let url = pgcluster::shared()
+        .unwrap()
+        .fresh_database("cf_checks")
+        .await
+        .unwrap();
+    let db = connect(&url).await;
+    db.batch_execute("CREATE TABLE plain (k INT PRIMARY KEY, v TEXT)")
+        .await
+        .unwrap();
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["cf_checks.public.plain", "public.missing"], &sink);
+    o.name = "cf_checks".into();
+    let (_tx, rx) = watch::channel(false);
+    let err = run_changefeed(o, ChangefeedMetrics::new(), rx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(r#"ALTER TABLE "public"."plain" REPLICA IDENTITY FULL"#),
+        "{err}"
+    );
+    assert!(err.contains("REPLICA IDENTITY DEFAULT"), "{err}");
+    assert!(err.contains("no table public.missing"), "{err}");
+
+    let err = meridian::source::postgres::check_wal_level("replica")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{err}"
+    );
+    assert!(err.contains("restart PostgreSQL"), "{err}");
+}
+
+fn psql_setup(url: &str, region: &str) {
+    let out = std::process::Command::new("psql")
+        .arg(url)
+        .args(["-X", "-q", "-v", &format!("region={region}"), "-f"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/sql/postgres/setup.sql"
+        ))
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "setup.sql failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_sql_stamps_local_writes_only() {
+    let url = pgcluster::shared()
+        .unwrap()
+        .fresh_database("cf_setup")
+        .await
+        .unwrap();
+    let db = connect(&url).await;
+    db.batch_execute(
+        "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT); INSERT INTO kv VALUES (0, 'old')",
+    )
+    .await
+    .unwrap();
+    psql_setup(&url, "east");
+    psql_setup(&url, "east"); // idempotent
+    db.batch_execute("SELECT meridian_enable('kv', meridian_region())")
+        .await
+        .unwrap();
+    db.batch_execute("SELECT meridian_enable('public.kv', 'east', '1s')")
+        .await
+        .unwrap();
+
+    // DLQ table with the seed's columns.
+    let cols: Vec<(String, String)> = db
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns \
+             WHERE table_name = 'cdc_sink_dlq' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want = [
+        ("event", "uuid"),
+        ("dlq_name", "text"),
+        ("source_nanos", "bigint"),
+        ("source_logical", "bigint"),
+        ("data_after", "jsonb"),
+        ("data_before", "jsonb"),
+    ];
+    assert_eq!(
+        cols,
+        want.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    );
+
+    // Replica identity and publication.
+    let ident: String = db
+        .query_one(
+            "SELECT relreplident::text FROM pg_class WHERE relname = 'kv'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ident, "f");
+    let n: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'meridian' AND tablename = 'kv'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+
+    // A local insert is stamped: region, now() + ~1s.
+    db.batch_execute(
+        "INSERT INTO kv (k, v, _source, _timestamp) VALUES (1, 'local', 'west', '2000-01-01')",
+    )
+    .await
+    .unwrap();
+    let row = db
+        .query_one(
+            "SELECT _source, extract(epoch FROM _timestamp - now())::float8 FROM kv WHERE k = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "east");
+    let ahead: f64 = row.get(1);
+    assert!(
+        (0.5..1.5).contains(&ahead),
+        "stamped about 1s ahead: {ahead}"
+    );
+
+    // Existing rows got the columns' defaults.
+    let src: Option<String> = db
+        .query_one("SELECT _source FROM kv WHERE k = 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(src.as_deref(), Some("east"));
+
+    // meridian's own writes keep what they came with.
+    db.batch_execute(
+        "BEGIN; SELECT set_config('meridian.applying', 'on', true); \
+         INSERT INTO kv (k, v, _source, _timestamp) VALUES (2, 'replicated', 'west', '2001-02-03 04:05:06+00'); \
+         UPDATE kv SET v = 'replicated', _source = 'west', _timestamp = '2001-02-03 04:05:06+00' WHERE k = 1; \
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    for k in [1i64, 2] {
+        let row = db
+            .query_one(
+                "SELECT _source, _timestamp = '2001-02-03 04:05:06+00' FROM kv WHERE k = $1",
+                &[&k],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "west", "k={k}");
+        assert!(row.get::<_, bool>(1), "k={k} kept its _timestamp");
+    }
+
+    // The setting is transaction-local: the next local update is stamped again.
+    db.batch_execute("UPDATE kv SET v = 'local again' WHERE k = 2")
+        .await
+        .unwrap();
+    let src: String = db
+        .query_one("SELECT _source FROM kv WHERE k = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(src, "east");
+
+    // The default changefeed name reads setup.sql's publication.
+    let sink = TestSink::start().await;
+    let o = options(&url, &["kv"], &sink);
+    let feed = start(o);
+    wait_slot(&db, "meridian").await;
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (3, 'fed')")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(1).await;
+    assert_eq!(rows[0]["after"]["_source"], json!("east"));
+    assert!(rows[0]["after"]["_timestamp"].is_string());
+    feed.stop().await;
+    db.batch_execute("SELECT pg_drop_replication_slot('meridian')")
+        .await
+        .unwrap();
+}
+
+/// Throughput: `cargo test --release --test changefeed_source -- --ignored --nocapture throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput() {
+    let n: i64 = std::env::var("ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200_000);
+    let (url, db) = kv_db("cf_perf").await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_perf".into();
+    let feed = start(o);
+    wait_slot(&db, "cf_perf").await;
+    db.execute(
+        "INSERT INTO kv (k, v, n) SELECT g, md5(g::text), g * 1.5 FROM generate_series(1, $1) g",
+        &[&n],
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let ok = wait_for(Duration::from_secs(600), || {
+        let m = feed.metrics.clone();
+        async move { m.rows_sent.with_label_values(&["public", "kv"]).get() as i64 >= n }
+    })
+    .await;
+    assert!(ok);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "one transaction of {n} rows: {secs:.2}s, {:.0} rows/s, {} batches",
+        n as f64 / secs,
+        feed.metrics.batches_sent.get()
+    );
+
+    // Many small transactions.
+    let m0 = feed
+        .metrics
+        .rows_sent
+        .with_label_values(&["public", "kv"])
+        .get() as i64;
+    let small = n / 10;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..4i64 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let db = connect(&url).await;
+            let st = db
+                .prepare("INSERT INTO kv (k, v) VALUES ($1, 'x')")
+                .await
+                .unwrap();
+            let mut k = 10_000_000 + w;
+            while k < 10_000_000 + small {
+                db.execute(&st, &[&k]).await.unwrap();
+                k += 4;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ok = wait_for(Duration::from_secs(600), || {
+        let m = feed.metrics.clone();
+        async move { m.rows_sent.with_label_values(&["public", "kv"]).get() as i64 >= m0 + small }
+    })
+    .await;
+    assert!(ok);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{small} one-row transactions (4 writers): {secs:.2}s end to end, {:.0} rows/s",
+        small as f64 / secs
+    );
+    feed.stop().await;
+}
