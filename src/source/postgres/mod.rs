@@ -696,7 +696,7 @@ impl Feed {
                     .and_then(|r| r.get(0));
                 self.metrics.slot_lag_bytes.set(lag.unwrap_or(0));
             }
-            if !(busy && due) && !truncated {
+            if !(truncated || busy && due) {
                 tokio::select! {
                     _ = tokio::time::sleep(self.opts.poll_interval) => {}
                     _ = shutdown.changed() => {}
@@ -781,13 +781,14 @@ impl Feed {
                         t.changes.push(c);
                     }
                 }
-                Message::Truncate { relids } => {
+                Message::Truncate { relids }
                     if relids
                         .iter()
-                        .any(|r| self.rels.get(r).is_some_and(|r| r.table.is_some()))
-                    {
-                        tracing::warn!("TRUNCATE of a replicated table is not sent (changefeeds have no truncate)");
-                    }
+                        .any(|r| self.rels.get(r).is_some_and(|r| r.table.is_some())) =>
+                {
+                    tracing::warn!(
+                        "TRUNCATE of a replicated table is not sent (changefeeds have no truncate)"
+                    );
                 }
                 Message::LogicalMessage {
                     transactional: false,
