@@ -406,7 +406,7 @@ pub fn route_by_topic(
 /// The `.d.ts` describing the userscript API (`meridian userscript --api`).
 pub const API_DTS: &str = include_str!("../../userscripts/meridian.d.ts");
 
-mod engine;
+pub(crate) mod engine;
 mod runtime;
 mod transpile;
 
@@ -454,3 +454,6 @@ pub fn run_command(args: UserscriptArgs) -> anyhow::Result<()> {
         None => anyhow::bail!("nothing to do: pass --api or --check <script>"),
     }
 }
+
+#[cfg(test)]
+mod tests_engine;

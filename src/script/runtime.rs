@@ -212,10 +212,10 @@ struct State {
 
 /// A runtime with the script loaded.
 pub struct Worker {
-    // Field order matters: the context must drop before the runtime.
+    // Field order matters: JS handles, then the context, then the runtime.
+    native: Option<Persistent<Object<'static>>>,
     ctx: Context,
     rt: Runtime,
-    native: Option<Persistent<Object<'static>>>,
     state: Rc<State>,
     program: Arc<Program>,
     limits: Limits,
