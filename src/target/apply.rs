@@ -520,11 +520,14 @@ pub async fn write_dlq(
     if entries.is_empty() {
         return Ok(());
     }
+    // Delivery is at-least-once: a change already in the DLQ (same name,
+    // source time and row) is not added again when its request is replayed.
     let sql = format!(
-        "INSERT INTO {}.{} (dlq_name, source_nanos, source_logical, data_after, data_before) \
-         SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::jsonb[], $5::jsonb[])",
-        quote_ident(schema),
-        quote_ident(dlq_table)
+        "INSERT INTO {t} (dlq_name, source_nanos, source_logical, data_after, data_before) \
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::jsonb[], $5::jsonb[]) AS u(n, sn, sl, a, b) \
+         WHERE NOT EXISTS (SELECT 1 FROM {t} d WHERE d.source_nanos = u.sn AND d.source_logical = u.sl \
+           AND d.dlq_name = u.n AND d.data_after = u.a AND d.data_before = u.b)",
+        t = format!("{}.{}", quote_ident(schema), quote_ident(dlq_table))
     );
     let names: Vec<&str> = entries.iter().map(|e| e.dlq_name.as_str()).collect();
     let nanos: Vec<i64> = entries.iter().map(|e| e.source_nanos).collect();

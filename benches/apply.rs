@@ -1,0 +1,143 @@
+//! Receiver throughput against its ceiling, measured in one run on one server.
+//!
+//! Meridian: batches of 1,000 rows of the seed's `kv` table POSTed over HTTP
+//! to `meridian start` with the seed's userscript (`userscripts/init.ts` +
+//! `repl.ts`, CAS on `_timestamp`, losers to the DLQ).
+//! Baseline: the same rows through a plain
+//! `INSERT … SELECT … FROM unnest(…) ON CONFLICT … DO UPDATE … WHERE …`
+//! on the same PostgreSQL server, with the same number of requests in flight.
+//! Each side runs an insert pass and an update pass (newer `_timestamp`).
+//!
+//! Run: `cargo bench --bench apply` (env: BENCH_ROWS, BENCH_BATCH, BENCH_CONCURRENCY).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::stream::{self, StreamExt};
+use meridian::cli::{Cli, Command};
+use meridian::pgcluster::PgCluster;
+use tokio_postgres::NoTls;
+
+const SCHEMA: &str = "
+CREATE TABLE kv (k INT8 PRIMARY KEY, v BYTEA, _source TEXT, _timestamp TIMESTAMPTZ);
+CREATE TABLE cdc_sink_dlq (event UUID DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL,
+  source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL);";
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn ts(pass: usize) -> String {
+    format!("2026-01-01T00:00:{:02}.123456Z", pass + 1)
+}
+
+/// One request body: rows `start..start+n` at `pass`.
+fn body(start: usize, n: usize, pass: usize) -> String {
+    let rows: Vec<String> = (start..start + n)
+        .map(|k| {
+            format!(
+                r#"{{"after":{{"k":{k},"v":"\\x{:016x}","_source":"east","_timestamp":"{}"}},"key":[{k}],"topic":"kv","updated":"{}.0"}}"#,
+                k * 31 + pass,
+                ts(pass),
+                1_700_000_000_000_000_000u64 + pass as u64
+            )
+        })
+        .collect();
+    format!(r#"{{"payload":[{}],"length":{n}}}"#, rows.join(","))
+}
+
+async fn meridian_pass(base: &str, rows: usize, batch: usize, conc: usize, pass: usize) -> f64 {
+    let http = reqwest::Client::new();
+    let bodies: Vec<String> = (0..rows).step_by(batch).map(|s| body(s, batch.min(rows - s), pass)).collect();
+    let started = Instant::now();
+    let results: Vec<u16> = stream::iter(bodies)
+        .map(|b| {
+            let http = http.clone();
+            let url = format!("{base}/kv/public");
+            async move { http.post(url).body(b).send().await.unwrap().status().as_u16() }
+        })
+        .buffer_unordered(conc)
+        .collect()
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    assert!(results.iter().all(|&s| s == 200), "meridian answered {results:?}");
+    rows as f64 / secs
+}
+
+async fn baseline_pass(url: &str, rows: usize, batch: usize, conc: usize, pass: usize) -> f64 {
+    let mut clients = Vec::new();
+    for _ in 0..conc {
+        let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        clients.push(Arc::new(c));
+    }
+    let sql = "INSERT INTO kv (k, v, _source, _timestamp)
+               SELECT * FROM unnest($1::int8[], $2::bytea[], $3::text[], $4::timestamptz[])
+               ON CONFLICT (k) DO UPDATE SET v = excluded.v, _source = excluded._source, _timestamp = excluded._timestamp
+               WHERE excluded._timestamp > kv._timestamp";
+    let when = chrono::DateTime::parse_from_rfc3339(&ts(pass)).unwrap();
+    let starts: Vec<usize> = (0..rows).step_by(batch).collect();
+    let started = Instant::now();
+    stream::iter(starts.into_iter().enumerate())
+        .map(|(i, s)| {
+            let c = clients[i % conc].clone();
+            async move {
+                let n = batch.min(rows - s);
+                let ks: Vec<i64> = (s..s + n).map(|k| k as i64).collect();
+                let vs: Vec<Vec<u8>> = ks.iter().map(|k| ((*k as u64) * 31 + pass as u64).to_be_bytes().to_vec()).collect();
+                let src: Vec<&str> = vec!["east"; n];
+                let tss = vec![when; n];
+                let tx = c.execute(sql, &[&ks, &vs, &src, &tss]).await.unwrap();
+                assert_eq!(tx as usize, n);
+            }
+        })
+        .buffer_unordered(conc)
+        .collect::<Vec<()>>()
+        .await;
+    rows as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let rows = env("BENCH_ROWS", 100_000);
+    let batch = env("BENCH_BATCH", 1_000);
+    let conc = env("BENCH_CONCURRENCY", 4);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let cluster = PgCluster::start_temp().expect("PostgreSQL cluster");
+        let m_url = cluster.create_database("kv").await.unwrap();
+        let b_url = cluster.create_database("baseline").await.unwrap();
+        for u in [&m_url, &b_url] {
+            let (c, conn) = tokio_postgres::connect(u, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c.batch_execute(SCHEMA).await.unwrap();
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/userscripts/init.ts");
+        let argv = [
+            "meridian", "start", "--bindAddr", "127.0.0.1:0", "--disableAuthentication",
+            "--targetConn", &m_url, "--userscript", script,
+        ];
+        let Command::Start(args) = Cli::parse_from(argv).command else { unreachable!() };
+        let server = meridian::server::serve(args).await.expect("meridian starts");
+        let base = server.base_url();
+        println!("apply benchmark: {rows} rows in batches of {batch}, {conc} requests in flight, PostgreSQL on this machine");
+        let mut total = (0.0, 0.0);
+        for (pass, label) in [(0, "insert"), (1, "update")] {
+            // Alternate which side goes first so neither always gets the warmer cache.
+            let (m, b) = if pass == 0 {
+                let m = meridian_pass(&base, rows, batch, conc, pass).await;
+                (m, baseline_pass(&b_url, rows, batch, conc, pass).await)
+            } else {
+                let b = baseline_pass(&b_url, rows, batch, conc, pass).await;
+                (meridian_pass(&base, rows, batch, conc, pass).await, b)
+            };
+            println!("{label:>7}: meridian {m:>10.0} rows/s   baseline {b:>10.0} rows/s   ratio {:.2}", m / b);
+            total.0 += rows as f64 / m;
+            total.1 += rows as f64 / b;
+        }
+        let (m, b) = (2.0 * rows as f64 / total.0, 2.0 * rows as f64 / total.1);
+        println!("overall: meridian {m:.0} rows/s, baseline {b:.0} rows/s, ratio {:.2} (target >= 0.60)", m / b);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        server.shutdown().await;
+    });
+}
