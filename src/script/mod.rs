@@ -406,6 +406,7 @@ pub fn route_by_topic(
 /// The `.d.ts` describing the userscript API (`meridian userscript --api`).
 pub const API_DTS: &str = include_str!("../../userscripts/meridian.d.ts");
 
+mod check;
 pub(crate) mod engine;
 mod runtime;
 mod transpile;
@@ -448,7 +449,7 @@ pub fn run_command(args: UserscriptArgs) -> anyhow::Result<()> {
     match args.check {
         Some(path) => {
             let script = Userscript::load(&path, Limits::default())?;
-            println!("{:#?}", script.config());
+            print!("{}", check::summary(&path.display().to_string(), script.config()));
             Ok(())
         }
         None => anyhow::bail!("nothing to do: pass --api or --check <script>"),

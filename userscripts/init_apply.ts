@@ -1,0 +1,2 @@
+import {replicateTo} from "repl_apply";
+replicateTo('west','kv.public', ['kv.public.kv'])
