@@ -28,6 +28,9 @@ struct SinkState {
     /// Answer this to everything while set.
     fail_all: Option<u16>,
     auth: Vec<Option<String>>,
+    /// Throughput mode: answer 200 without parsing or keeping bodies.
+    fast: bool,
+    fast_bytes: usize,
 }
 
 #[derive(Clone)]
@@ -45,6 +48,25 @@ impl TestSink {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TestSink { addr, state }
+    }
+
+    /// The same recorder behind HTTPS with a self-signed certificate.
+    async fn start_tls() -> TestSink {
+        let state = Arc::new(Mutex::new(SinkState::default()));
+        let app = axum::Router::new()
+            .route("/{*path}", axum::routing::post(handle))
+            .with_state(state.clone());
+        let cfg = meridian::server::tls::self_signed().await.unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", pgcluster::free_port().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            axum_server::bind_rustls(addr, cfg)
+                .serve(app.into_make_service())
+                .await
+                .unwrap()
+        });
         TestSink { addr, state }
     }
 
@@ -83,6 +105,13 @@ async fn handle(
     headers: axum::http::HeaderMap,
     body: String,
 ) -> (StatusCode, String) {
+    {
+        let mut s = state.lock().unwrap();
+        if s.fast {
+            s.fast_bytes += body.len();
+            return (StatusCode::OK, String::new());
+        }
+    }
     let v: Value = serde_json::from_str(&body).expect("the changefeed sends JSON");
     let mut s = state.lock().unwrap();
     s.auth.push(
@@ -570,6 +599,26 @@ async fn misconfigured_sources_say_what_to_fix() {
     assert!(err.contains("restart PostgreSQL"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_sink_with_self_signed_certificate() {
+    let (url, db) = kv_db("cf_tls").await;
+    let sink = TestSink::start_tls().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_tls".into();
+    o.sink_url = format!(
+        "webhook-https://{}/db/public?insecure_tls_skip_verify=true",
+        sink.addr
+    );
+    let feed = start(o);
+    wait_slot(&db, "cf_tls").await;
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'secure')")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(1).await;
+    assert_eq!(rows[0]["after"]["v"], json!("secure"));
+    feed.stop().await;
+}
+
 fn psql_setup(url: &str, region: &str) {
     let out = std::process::Command::new("psql")
         .arg(url)
@@ -738,6 +787,11 @@ async fn setup_sql_stamps_local_writes_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn throughput() {
+    if std::env::var("RUST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
     let n: i64 = std::env::var("ROWS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -746,10 +800,11 @@ async fn throughput() {
     let sink = TestSink::start().await;
     let mut o = options(&url, &["kv"], &sink);
     o.name = "cf_perf".into();
+    sink.state.lock().unwrap().fast = true;
     let feed = start(o);
     wait_slot(&db, "cf_perf").await;
     db.execute(
-        "INSERT INTO kv (k, v, n) SELECT g, md5(g::text), g * 1.5 FROM generate_series(1, $1) g",
+        "INSERT INTO kv (k, v, n) SELECT g, md5(g::text), g * 1.5 FROM generate_series(1, $1::int8) g",
         &[&n],
     )
     .await

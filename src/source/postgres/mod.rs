@@ -641,10 +641,14 @@ impl Feed {
             if *shutdown.borrow() {
                 return Ok(());
             }
+            let t0 = Instant::now();
             let rows = db.query(&peek, &[&self.slot, &limit, &pubs]).await?;
-            let truncated = limit.is_some_and(|l| rows.len() >= l as usize);
+            let t_peek = t0.elapsed();
+            let nmsgs = rows.len();
+            let truncated = limit.is_some_and(|l| nmsgs >= l as usize);
             let (items, incomplete) = self.decode(db, &rows).await?;
             drop(rows);
+            let t_decode = t0.elapsed() - t_peek;
             if items.is_empty() && incomplete {
                 // One transaction larger than the limit: read it whole.
                 limit = None;
@@ -671,8 +675,18 @@ impl Feed {
                     .pending_since
                     .is_some_and(|t| t.elapsed() >= self.opts.flush_frequency);
             if due {
+                let t1 = Instant::now();
                 if !self.deliver(db, plan, shutdown).await? {
                     return Ok(());
+                }
+                if busy {
+                    tracing::debug!(
+                        messages = nmsgs,
+                        rows = nrows,
+                        bytes = nbytes,
+                        "peeked in {t_peek:?}, decoded in {t_decode:?}, delivered in {:?}",
+                        t1.elapsed()
+                    );
                 }
                 self.pending_since = None;
                 if !busy {
@@ -979,6 +993,7 @@ impl Feed {
             )
             .await
             .with_context(|| format!("advancing slot {} to {to}", self.slot))?;
+            tracing::trace!(slot = %self.slot, "advanced to {to}");
             self.advanced_to = self.want_advance;
         }
         Ok(())
