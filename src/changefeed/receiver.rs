@@ -436,7 +436,7 @@ impl Receiver {
                 continue;
             };
             let merged = match &loser.proposed {
-                Some(p) => three_way(loser.before.as_ref(), p, &stored),
+                Some(p) => three_way(loser.before.as_ref(), p, &stored, &cfg.cas),
                 None => ThreeWay::Unmerged(
                     cfg.cas.clone(), // a delete of a newer row cannot merge
                 ),
@@ -515,8 +515,7 @@ impl Receiver {
                 apply::upsert(tx, schema, &batch, &[], rules).await?;
             }
         }
-        stats.dlq += dlq.len() as u64;
-        apply::write_dlq(
+        stats.dlq += apply::write_dlq(
             tx,
             &schema.name.schema,
             &self.target.options.dlq_table,

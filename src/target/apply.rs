@@ -510,15 +510,16 @@ pub fn dlq_create_sql(schema: &str, table: &str) -> String {
     )
 }
 
-/// Writes entries to `schema`'s DLQ table, in the caller's transaction.
+/// Writes entries to `schema`'s DLQ table, in the caller's transaction;
+/// returns how many were new.
 pub async fn write_dlq(
     tx: &Transaction<'_>,
     schema: &str,
     dlq_table: &str,
     entries: &[DlqEntry],
-) -> Result<(), TargetError> {
+) -> Result<u64, TargetError> {
     if entries.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     // Delivery is at-least-once: a change already in the DLQ (same name,
     // source time and row) is not added again when its request is replayed.
@@ -537,8 +538,7 @@ pub async fn write_dlq(
     let stmt = tx.prepare_cached(&sql).await.map_err(|e| missing_dlq(e, schema, dlq_table))?;
     tx.execute(&stmt, &[&names, &nanos, &logical, &after, &before])
         .await
-        .map_err(|e| missing_dlq(e, schema, dlq_table))?;
-    Ok(())
+        .map_err(|e| missing_dlq(e, schema, dlq_table))
 }
 
 fn missing_dlq(e: tokio_postgres::Error, schema: &str, table: &str) -> TargetError {

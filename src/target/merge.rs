@@ -19,11 +19,23 @@ pub enum ThreeWay {
 /// stored value takes the proposed value; one whose stored value already
 /// equals the proposed value needs nothing; any other is unmerged. All three
 /// documents must be canonical (as the target's types print them).
-pub fn three_way(before: Option<&Document>, proposed: &Document, stored: &Document) -> ThreeWay {
+///
+/// The compare-and-set columns are left out: the proposed row lost on them
+/// by definition, so they always differ; a merged row keeps the stored (newer)
+/// CAS values, and stays newer than the change it absorbed.
+pub fn three_way(
+    before: Option<&Document>,
+    proposed: &Document,
+    stored: &Document,
+    cas: &[String],
+) -> ThreeWay {
     let mut merged = stored.clone();
     let mut unmerged = Vec::new();
     let mut changed = false;
     for (prop, value) in proposed {
+        if cas.contains(prop) {
+            continue;
+        }
         let current = stored.get(prop);
         if current == Some(value) {
             continue;
@@ -61,12 +73,12 @@ mod tests {
         let proposed = doc(json!({"k":1,"a":5,"b":1}));
         // b: before(1) != stored(2) and proposed(1) != stored(2) -> unmerged
         assert_eq!(
-            three_way(Some(&before), &proposed, &stored),
+            three_way(Some(&before), &proposed, &stored, &[]),
             ThreeWay::Unmerged(vec!["b".into()])
         );
         let proposed = doc(json!({"k":1,"a":5,"b":2}));
         assert_eq!(
-            three_way(Some(&before), &proposed, &stored),
+            three_way(Some(&before), &proposed, &stored, &[]),
             ThreeWay::Merged(doc(json!({"k":1,"a":5,"b":2})))
         );
     }
@@ -74,7 +86,19 @@ mod tests {
     #[test]
     fn identical_rows_need_nothing() {
         let stored = doc(json!({"k":1,"v":"\\x01"}));
-        assert_eq!(three_way(None, &stored.clone(), &stored), ThreeWay::Unchanged);
+        assert_eq!(three_way(None, &stored.clone(), &stored, &[]), ThreeWay::Unchanged);
+    }
+
+    #[test]
+    fn cas_columns_do_not_block_a_merge() {
+        let before = doc(json!({"k":1,"a":1,"ts":5}));
+        let stored = doc(json!({"k":1,"a":1,"ts":20}));
+        let proposed = doc(json!({"k":1,"a":2,"ts":10}));
+        let cas = ["ts".to_string()];
+        assert_eq!(
+            three_way(Some(&before), &proposed, &stored, &cas),
+            ThreeWay::Merged(doc(json!({"k":1,"a":2,"ts":20})))
+        );
     }
 
     #[test]
@@ -82,7 +106,7 @@ mod tests {
         let stored = doc(json!({"k":1,"v":1}));
         let proposed = doc(json!({"k":1,"v":2}));
         assert_eq!(
-            three_way(None, &proposed, &stored),
+            three_way(None, &proposed, &stored, &[]),
             ThreeWay::Unmerged(vec!["v".into()])
         );
     }
