@@ -413,7 +413,8 @@ fn compose_refers_only_to_things_that_exist() {
                     let target = target.trim_end_matches('/');
                     if let Some(rest) = path.strip_prefix(target) {
                         if rest.is_empty() || rest.starts_with('/') {
-                            let h = root().join(host).join(rest.trim_start_matches('/'));
+                            let rel = rest.trim_start_matches('/');
+                            let h = if rel.is_empty() { root().join(host) } else { root().join(host).join(rel) };
                             if !h.exists() {
                                 errors.push(format!(
                                     "{name}: {path} is {} on the host, which does not exist",
@@ -449,7 +450,8 @@ fn compose_refers_only_to_things_that_exist() {
         if *sub == "start" && !raw_text.contains("CDC_ARGS") {
             errors.push(format!("{name}: command does not pass ${{CDC_ARGS}} through"));
         }
-        for cdc_args in ["", "--bestEffortOnly"] {
+        let variants: &[&str] = if *sub == "start" { &["", "--bestEffortOnly"] } else { &[""] };
+        for cdc_args in variants.iter().copied() {
             let mut over = BTreeMap::new();
             over.insert("CDC_ARGS", cdc_args);
             let args: Vec<String> = interpolate(&raw_text, &env, &over)
