@@ -9,7 +9,10 @@ pub fn summary(script: &str, config: &ScriptConfig) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{script}: loaded");
     if config.sources.is_empty() && config.tables.is_empty() && config.options.is_empty() {
-        let _ = writeln!(out, "  configures nothing: rows go to the tables their topics name");
+        let _ = writeln!(
+            out,
+            "  configures nothing: rows go to the tables their topics name"
+        );
         return out;
     }
     if !config.sources.is_empty() {
@@ -27,7 +30,9 @@ pub fn summary(script: &str, config: &ScriptConfig) -> String {
                     Some(t) => {
                         let _ = write!(out, "; deletes to {t}");
                     }
-                    None => out.push_str("; deletes to the topic's table (or a deletesTo function)"),
+                    None => {
+                        out.push_str("; deletes to the topic's table (or a deletesTo function)")
+                    }
                 }
             }
             out.push('\n');
@@ -42,15 +47,23 @@ pub fn summary(script: &str, config: &ScriptConfig) -> String {
             }
             let merge = match &t.merge {
                 None => "none (losers of compare-and-set are dropped)".to_string(),
-                Some(MergeKind::Standard { has_fallback: true }) => "standardMerge with a fallback function".to_string(),
-                Some(MergeKind::Standard { has_fallback: false }) => "standardMerge".to_string(),
+                Some(MergeKind::Standard { has_fallback: true }) => {
+                    "standardMerge with a fallback function".to_string()
+                }
+                Some(MergeKind::Standard {
+                    has_fallback: false,
+                }) => "standardMerge".to_string(),
                 Some(MergeKind::Custom) => "custom merge function".to_string(),
             };
             if !t.cas.is_empty() || t.merge.is_some() {
                 let _ = writeln!(out, "    merge: {merge}");
             }
             for (col, d) in &t.deadlines {
-                let _ = writeln!(out, "    deadline: {col} within {}", humantime::format_duration(*d));
+                let _ = writeln!(
+                    out,
+                    "    deadline: {col} within {}",
+                    humantime::format_duration(*d)
+                );
             }
             if !t.delete_key.is_empty() {
                 let _ = writeln!(out, "    delete key: {}", t.delete_key.join(", "));
@@ -68,7 +81,10 @@ pub fn summary(script: &str, config: &ScriptConfig) -> String {
                 let _ = writeln!(out, "    map function: yes");
             }
             if t.has_apply {
-                let _ = writeln!(out, "    apply function: yes (the script writes rows through getTX())");
+                let _ = writeln!(
+                    out,
+                    "    apply function: yes (the script writes rows through getTX())"
+                );
             }
             if let Some(n) = t.row_limit {
                 let _ = writeln!(out, "    row limit: {n}");

@@ -449,7 +449,10 @@ pub fn run_command(args: UserscriptArgs) -> anyhow::Result<()> {
     match args.check {
         Some(path) => {
             let script = Userscript::load(&path, Limits::default())?;
-            print!("{}", check::summary(&path.display().to_string(), script.config()));
+            print!(
+                "{}",
+                check::summary(&path.display().to_string(), script.config())
+            );
             Ok(())
         }
         None => anyhow::bail!("nothing to do: pass --api or --check <script>"),

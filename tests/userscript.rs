@@ -1,0 +1,404 @@
+//! Userscripts against real PostgreSQL: the seed's scripts verbatim, the
+//! paired east/west scripts, apply + getTX() inside the request's
+//! transaction, merge functions reaching the DLQ, every failure mode failing
+//! only its request, and `meridian userscript --check/--api`.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const T1: &str = "2026-01-01T00:00:01Z";
+const T2: &str = "2026-01-01T00:00:02Z";
+const T3: &str = "2026-01-01T00:00:03Z";
+
+fn shipped(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("userscripts")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn script(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_script(dir.path(), "init.ts", text);
+    (dir, path)
+}
+
+async fn seed_row(f: &Fixture, k: i64, v: &str, source: &str, ts: &str) {
+    f.db.execute(
+        "INSERT INTO kv VALUES ($1, decode($2, 'hex'), $3, $4::text::timestamptz)",
+        &[&k, &v, &source, &ts],
+    )
+    .await
+    .unwrap();
+}
+
+/// The seed's scripts address `kv.public`, so these run one after another on
+/// a database named `kv`.
+#[tokio::test]
+async fn shipped_scripts_against_kv() {
+    // init.ts + repl.ts, verbatim from the seed: west drops rows from west,
+    // applies the rest with CAS on _timestamp, losers to the DLQ.
+    let f = fixture("kv", KV_SCHEMA, &["--userscript", &shipped("init.ts")]).await;
+    seed_row(&f, 3, "cc", "west", T2).await;
+    let body = batch(&[
+        kv_row(1, "\\\\x01", "east", T1, None, "10.0"),
+        kv_row(2, "\\\\x02", "west", T1, None, "10.0"), // originated here: dropped
+        kv_row(3, "\\\\x03", "east", T1, None, "11.0"), // older than the local row: DLQ
+    ]);
+    let (status, text) = f.post("/kv/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
+        vec!["1|\\x01|east", "3|\\xcc|west"]
+    );
+    assert_eq!(
+        f.dump("SELECT dlq_name, source_nanos, data_after->>'k' FROM cdc_sink_dlq")
+            .await,
+        vec!["kv.public.kv|11|3"]
+    );
+    drop(f);
+
+    // east_west.ts (applies to west): equal timestamps tie-break on _source,
+    // so east's version loses to the local west row; west's own rows drop.
+    let f = fixture("kv", KV_SCHEMA, &["--userscript", &shipped("east_west.ts")]).await;
+    seed_row(&f, 1, "aa", "west", T2).await;
+    let body = batch(&[
+        kv_row(1, "\\\\x01", "east", T2, None, "20.0"),
+        kv_row(2, "\\\\x02", "west", T3, None, "20.0"),
+        kv_row(4, "\\\\x04", "east", T1, None, "20.0"),
+    ]);
+    let (status, text) = f.post("/kv/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
+        vec!["1|\\xaa|west", "4|\\x04|east"]
+    );
+    assert_eq!(
+        f.dump("SELECT dlq_name, data_after->>'_source' FROM cdc_sink_dlq")
+            .await,
+        vec!["kv.public.kv|east"]
+    );
+    drop(f);
+
+    // west_east.ts (applies to east): the same tie, seen from the other side,
+    // lets west's version win, so both regions end with west's row.
+    let f = fixture("kv", KV_SCHEMA, &["--userscript", &shipped("west_east.ts")]).await;
+    seed_row(&f, 1, "01", "east", T2).await;
+    let body = batch(&[
+        kv_row(1, "\\\\xaa", "west", T2, None, "30.0"),
+        kv_row(5, "\\\\x05", "east", T3, None, "30.0"),
+    ]);
+    let (status, text) = f.post("/kv/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
+        vec!["1|\\xaa|west"]
+    );
+    assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
+    drop(f);
+
+    // init_apply.ts + repl_apply.ts: filtering in apply, then getTX().apply.
+    let f = fixture(
+        "kv",
+        KV_SCHEMA,
+        &["--userscript", &shipped("init_apply.ts")],
+    )
+    .await;
+    seed_row(&f, 3, "cc", "west", T2).await;
+    seed_row(&f, 6, "66", "east", T1).await;
+    let body = batch(&[
+        kv_row(1, "\\\\x01", "east", T1, None, "40.0"),
+        kv_row(2, "\\\\x02", "west", T1, None, "40.0"),
+        kv_row(3, "\\\\x03", "east", T1, None, "40.0"),
+        r#"{"after":null,"before":{"k":6,"v":"Zg==","_source":"east","_timestamp":"2026-01-01T00:00:01Z"},"key":[6],"topic":"kv","updated":"41.0"}"#.to_string(),
+    ]);
+    let (status, text) = f.post("/kv/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
+        vec!["1|\\x01|east", "3|\\xcc|west"]
+    );
+    assert_eq!(
+        f.dump("SELECT dlq_name FROM cdc_sink_dlq").await,
+        vec!["kv.public.kv"]
+    );
+}
+
+const APPLY_TX: &str = r#"
+import * as api from "replicator@v1";
+import { ApplyOp } from "replicator@v1";
+
+api.configureTable("kv", {
+  apply: async (ops: ApplyOp[]) => {
+    const tx = api.getTX();
+    for (const op of ops) {
+      if (op.action !== "upsert") continue;
+      await tx.exec("INSERT INTO audit (k, note) VALUES ($1, $2)", op.data.k, "seen " + tx.table());
+      if (op.data._source === "boom") {
+        throw new Error("boom at " + op.data.k);
+      }
+    }
+    const rows = [...(await tx.query("SELECT count(*) FROM audit"))];
+    await tx.exec("UPDATE audit SET note = note || ' of ' || $1 WHERE k = $2", String(rows[0][0]), ops.length);
+    await tx.apply(ops.filter((o) => o.action !== "upsert" || o.data._source !== "west"));
+  },
+});
+"#;
+
+#[tokio::test]
+async fn apply_and_get_tx_commit_and_roll_back_with_the_request() {
+    let (_dir, path) = script(APPLY_TX);
+    let setup = format!("{KV_SCHEMA}; CREATE TABLE audit (k INT8, note TEXT);");
+    let f = fixture("apply_tx", &setup, &["--userscript", &path]).await;
+    let body = batch(&[
+        kv_row(1, "\\\\x01", "east", T1, None, "1.0"),
+        kv_row(2, "\\\\x02", "west", T1, None, "1.0"),
+    ]);
+    let (status, text) = f.post("/apply_tx/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT k, v FROM kv ORDER BY k").await,
+        vec!["1|\\x01"]
+    );
+    assert_eq!(
+        f.dump("SELECT k, note FROM audit ORDER BY k").await,
+        vec![
+            "1|seen apply_tx.public.kv",
+            "2|seen apply_tx.public.kv of 2"
+        ]
+    );
+
+    // The script throws after exec: the request fails with the position in
+    // the .ts, and neither its exec nor any row is kept.
+    let body = batch(&[
+        kv_row(3, "\\\\x03", "east", T1, None, "2.0"),
+        kv_row(4, "\\\\x04", "boom", T1, None, "2.0"),
+    ]);
+    let (status, text) = f.post("/apply_tx/public", body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("init.ts:12:"), "{text}");
+    assert!(text.contains("Error: boom at 4"), "{text}");
+    assert_eq!(f.count("SELECT count(*) FROM audit").await, 2);
+    assert_eq!(f.count("SELECT count(*) FROM kv").await, 1);
+}
+
+const CUSTOM_MERGE: &str = r#"
+import * as api from "replicator@v1";
+api.configureTable("kv", {
+  cas: ["_timestamp"],
+  merge: (op) => {
+    if (op.proposed.k === 1) return { dlq: "custom_" + op.meta.table };
+    if (op.proposed.k === 2) return { apply: { ...op.proposed, _source: "merged" } };
+    return { drop: true };
+  },
+});
+"#;
+
+#[tokio::test]
+async fn merge_functions_reach_the_dlq() {
+    let (_dir, path) = script(CUSTOM_MERGE);
+    let f = fixture("custom_merge", KV_SCHEMA, &["--userscript", &path]).await;
+    for k in 1..=3 {
+        seed_row(&f, k, "aa", "west", T2).await;
+    }
+    let body = batch(&[
+        kv_row(1, "\\\\x01", "east", T1, None, "7.0"),
+        kv_row(2, "\\\\x02", "east", T1, None, "7.0"),
+        kv_row(3, "\\\\x03", "east", T1, None, "7.0"),
+    ]);
+    let (status, text) = f.post("/custom_merge/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
+        vec!["1|\\xaa|west", "2|\\x02|merged", "3|\\xaa|west"]
+    );
+    assert_eq!(
+        f.dump("SELECT dlq_name, source_nanos, data_after->>'k' FROM cdc_sink_dlq")
+            .await,
+        vec!["custom_kv|7|1"]
+    );
+}
+
+const FAILING: &str = r#"
+import * as api from "replicator@v1";
+
+type Doc = { k: number; v: string };
+
+api.configureSource("failures.public", {
+  dispatch: (doc: any, meta) => {
+    const d = doc as Doc;
+    if (d.v === "dGhyb3c=") throw new TypeError("cannot route " + d.k);
+    if (d.v === "bG9vcA==") { for (;;) {} }
+    if (d.v === "b29t") { const a: string[] = []; for (;;) a.push("y".repeat(65536) + a.length); }
+    return { [meta.table as string]: [doc] };
+  },
+  deletesTo: "",
+});
+"#;
+
+#[tokio::test]
+async fn each_failure_fails_only_its_request() {
+    let (_dir, path) = script(FAILING);
+    let f = fixture(
+        "failures",
+        KV_SCHEMA,
+        &[
+            "--userscript",
+            &path,
+            "--userscriptTimeout",
+            "500ms",
+            "--userscriptMemoryMiB",
+            "16",
+        ],
+    )
+    .await;
+    let good = |k: i64| batch(&[kv_row(k, "AQ==", "east", T1, None, "1.0")]);
+    let bad = |mode: &str| {
+        batch(&[
+            kv_row(100, "AQ==", "east", T1, None, "1.0"),
+            kv_row(101, mode, "east", T1, None, "1.0"),
+        ])
+    };
+    let cases = [
+        ("dGhyb3c=", 400, "TypeError: cannot route 101"),
+        ("bG9vcA==", 503, "timed out"),
+        ("b29t", 400, "out of memory"),
+    ];
+    for (i, (mode, code, needle)) in cases.iter().enumerate() {
+        let (status, text) = f.post("/failures/public", bad(mode)).await;
+        assert_eq!(status, *code, "{mode}: {text}");
+        assert!(text.contains(needle), "{mode}: {text}");
+        if i == 0 {
+            assert!(text.contains("init.ts:9:"), "{text}");
+        }
+        assert_eq!(
+            f.count("SELECT count(*) FROM kv WHERE k >= 100").await,
+            0,
+            "{mode}"
+        );
+        // The next request is served.
+        let (status, text) = f.post("/failures/public", good(i as i64)).await;
+        assert_eq!(status, 200, "after {mode}: {text}");
+    }
+    assert_eq!(f.count("SELECT count(*) FROM kv").await, 3);
+}
+
+#[tokio::test]
+async fn a_script_that_does_not_compile_stops_start() {
+    let (_dir, path) = script("import * as api from \"replicator@v1\";\napi.configureTable(\"kv\", {\n  cas: [\"_timestamp\"\n});\n");
+    let url = meridian::pgcluster::shared()
+        .unwrap()
+        .fresh_database("no_compile")
+        .await
+        .unwrap();
+    let err = match meridian::server::serve(start_args(&url, &["--userscript", &path])).await {
+        Err(e) => format!("{e:#}"),
+        Ok(_) => panic!("started with a broken script"),
+    };
+    assert!(err.contains("init.ts:4:1:"), "{err}");
+}
+
+fn meridian() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meridian"))
+}
+
+#[test]
+fn check_and_api_commands() {
+    let out = meridian()
+        .args(["userscript", "--check", &shipped("init.ts")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("kv.public: dispatch function; deletes to the topic's table"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "kv.public.kv:\n    cas: _timestamp\n    merge: standardMerge with a fallback function"
+        ),
+        "{stdout}"
+    );
+
+    let (_dir, path) = script("const x: number = 1;\nexport const y = x +;\n");
+    let out = meridian()
+        .args(["userscript", "--check", &path])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("init.ts:2:21: "), "{stderr}");
+
+    let out = meridian().args(["userscript", "--api"]).output().unwrap();
+    let api = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        api.contains("declare module \"replicator@v1\"")
+            && api.contains("declare module \"cdc-sink@v1\"")
+    );
+    assert!(
+        api.contains("function configureSource(") && api.contains("function getTX(): TargetTX;")
+    );
+}
+
+fn shipped_ts() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("userscripts");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "ts") && !p.to_string_lossy().ends_with(".d.ts")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every shipped script loads in meridian, and (when `npx` can fetch
+/// TypeScript) type-checks against `meridian.d.ts` with `tsc --noEmit`.
+#[test]
+fn shipped_scripts_load_and_type_check() {
+    let scripts = shipped_ts();
+    assert!(scripts.len() >= 6, "{scripts:?}");
+    for p in &scripts {
+        let out = meridian()
+            .args(["userscript", "--check"])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            p.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("userscripts");
+    let tsc = Command::new("npx")
+        .args(["-y", "-p", "typescript", "tsc", "--noEmit", "-p", "."])
+        .current_dir(&dir)
+        .output();
+    match tsc {
+        Ok(out) if out.status.code() == Some(0) => {}
+        Ok(out) if String::from_utf8_lossy(&out.stdout).contains("error TS") => {
+            panic!(
+                "tsc --noEmit failed:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        }
+        Ok(out) => eprintln!(
+            "skipping tsc: npx could not run TypeScript: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => eprintln!("skipping tsc: no npx ({e})"),
+    }
+}
