@@ -538,6 +538,87 @@ async fn restart_resumes_without_loss_or_endless_resends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_crash_and_restart_loses_nothing() {
+    let mut cluster = pgcluster::PgCluster::start_temp().unwrap();
+    let url = cluster.create_database("kv").await.unwrap();
+    let db = connect(&url).await;
+    db.batch_execute(
+        "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT); ALTER TABLE kv REPLICA IDENTITY FULL",
+    )
+    .await
+    .unwrap();
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv.public.kv"], &sink);
+    o.resolved_interval = Some(Duration::from_millis(200));
+    let feed = start(o);
+    wait_slot(&db, "meridian").await;
+    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'a' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    sink.wait_rows(100).await;
+    // Some rows may still be in flight when the server dies.
+    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'b' FROM generate_series(101, 200) g")
+        .await
+        .unwrap();
+    drop(db);
+    cluster.kill().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart().unwrap();
+    let db = connect(&url).await;
+    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'c' FROM generate_series(201, 300) g")
+        .await
+        .unwrap();
+    let mut in_table: Vec<i64> = db
+        .query("SELECT k FROM kv ORDER BY k", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    in_table.sort();
+    let ok = wait_for(Duration::from_secs(30), || {
+        let s = sink.clone();
+        let want = in_table.clone();
+        async move {
+            let mut got = ks(&s.rows());
+            got.sort();
+            got.dedup();
+            want.iter().all(|k| got.binary_search(k).is_ok())
+        }
+    })
+    .await;
+    assert!(ok, "every committed row reached the sink after the crash");
+    assert!(feed.metrics.errors.with_label_values(&["source"]).get() >= 1);
+    feed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_frequency_holds_small_batches() {
+    let (url, db) = kv_db("cf_freq").await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_freq".into();
+    o.flush_frequency = Duration::from_millis(700);
+    o.flush_rows = 1000;
+    let feed = start(o);
+    wait_slot(&db, "cf_freq").await;
+    for k in 1..=5i64 {
+        db.execute("INSERT INTO kv (k) VALUES ($1)", &[&k])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows = sink.wait_rows(5).await;
+    assert_eq!(ks(&rows), [1, 2, 3, 4, 5]);
+    assert!(
+        sink.accepted().len() <= 2,
+        "five quick commits go in one or two batches: {:?}",
+        sink.accepted()
+    );
+    feed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_by_rows_and_large_transactions() {
     let (url, db) = kv_db("cf_batch").await;
     let sink = TestSink::start().await;
