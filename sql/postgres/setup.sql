@@ -31,6 +31,7 @@
 -- so _source and _timestamp are ordinary columns here.
 
 \set ON_ERROR_STOP on
+SET client_min_messages = warning;
 
 \if :{?region}
 \else
@@ -73,9 +74,13 @@ BEGIN
   IF region IS NULL OR region = '' THEN
     RAISE EXCEPTION 'meridian_enable(%): region must not be empty', tbl;
   END IF;
-  EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS _source text DEFAULT %L', tbl, region);
-  EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS _timestamp timestamptz DEFAULT now() + %L::interval',
-                 tbl, margin);
+  IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = tbl AND attname = '_source' AND NOT attisdropped) THEN
+    EXECUTE format('ALTER TABLE %s ADD COLUMN _source text DEFAULT %L', tbl, region);
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = tbl AND attname = '_timestamp' AND NOT attisdropped) THEN
+    EXECUTE format('ALTER TABLE %s ADD COLUMN _timestamp timestamptz DEFAULT now() + %L::interval',
+                   tbl, margin);
+  END IF;
   EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
 
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'meridian') THEN
@@ -88,7 +93,9 @@ BEGIN
     EXECUTE format('ALTER PUBLICATION meridian ADD TABLE %s', tbl);
   END IF;
 
-  EXECUTE format('DROP TRIGGER IF EXISTS meridian_stamp ON %s', tbl);
+  IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'meridian_stamp') THEN
+    EXECUTE format('DROP TRIGGER meridian_stamp ON %s', tbl);
+  END IF;
   EXECUTE format('CREATE TRIGGER meridian_stamp BEFORE INSERT OR UPDATE ON %s '
                  'FOR EACH ROW EXECUTE FUNCTION meridian_stamp(%L, %L)', tbl, region, margin::text);
 END
