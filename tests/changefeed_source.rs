@@ -184,11 +184,15 @@ async fn connect(url: &str) -> tokio_postgres::Client {
     c
 }
 
-/// Waits until the changefeed's slot exists (so later writes are captured).
+/// Waits until the changefeed's slot exists and is consistent (so later
+/// writes are captured).
 async fn wait_slot(db: &tokio_postgres::Client, slot: &str) {
-    let ok = wait_for(Duration::from_secs(20), || async {
+    let ok = wait_for(Duration::from_secs(60), || async {
         db.query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            // confirmed_flush_lsn is set once the slot reached a consistent
+            // point; changes committed before that are not decoded.
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 \
+             AND confirmed_flush_lsn IS NOT NULL",
             &[&slot],
         )
         .await

@@ -592,7 +592,7 @@ impl Feed {
                     )
                     .await
                     .with_context(|| format!("creating replication slot {:?}", self.slot))?;
-                tracing::info!(slot = %self.slot, "created replication slot");
+                tracing::info!(slot = %self.slot, "created replication slot: changes committed from here on are sent (existing rows are not scanned)");
                 row.get::<_, String>(0)
             }
             Some(r) => {
