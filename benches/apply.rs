@@ -112,11 +112,17 @@ fn main() {
             tokio::spawn(conn);
             c.batch_execute(SCHEMA).await.unwrap();
         }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/userscripts/init.ts");
-        let argv = [
+        // BENCH_USERSCRIPT=none measures the receiver without a script.
+        let script = std::env::var("BENCH_USERSCRIPT")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/userscripts/init.ts").to_string());
+        let mut argv = vec![
             "meridian", "start", "--bindAddr", "127.0.0.1:0", "--disableAuthentication",
-            "--targetConn", &m_url, "--userscript", script,
+            "--targetConn", &m_url,
         ];
+        if script != "none" {
+            argv.extend(["--userscript", &script]);
+        }
+        println!("userscript: {script}");
         let Command::Start(args) = Cli::parse_from(argv).command else { unreachable!() };
         let server = meridian::server::serve(args).await.expect("meridian starts");
         let base = server.base_url();

@@ -228,14 +228,6 @@ impl Receiver {
             .start()
             .await
             .map_err(TargetError::db)?;
-        // Marks the transaction as meridian's, so the stamping trigger of
-        // sql/postgres/setup.sql leaves _source and _timestamp as they came.
-        let timeout_ms = self.target.options.apply_timeout.as_millis().max(1);
-        tx.batch_execute(&format!(
-            "SELECT set_config('meridian.applying', 'on', true); SET LOCAL statement_timeout = {timeout_ms}"
-        ))
-        .await
-        .map_err(TargetError::db)?;
         let mut all = Vec::with_capacity(tables.len());
         for (name, muts) in tables {
             let schema = self.target.schemas.get(&*tx, name).await?;
@@ -302,9 +294,9 @@ impl Receiver {
                     )));
                 }
             }
-            let lost = apply::upsert(tx, schema, &batch, &cas, &rules).await?;
-            stats.upserts += (batch.len() - lost.len()) as u64;
-            losers.extend(lost);
+            let done = apply::upsert(tx, schema, &batch, &cas, &rules).await?;
+            stats.upserts += done.written;
+            losers.extend(done.losers);
         }
         for m in &upserts {
             stats.ages.push((now - m.updated.nanos).max(0) as f64 / 1e9);
@@ -431,7 +423,6 @@ impl Receiver {
                 // The stored row went away after the check: nothing to lose to.
                 if let Some(after) = &m.after {
                     to_write.push(after.clone());
-                    stats.upserts += 1;
                 }
                 continue;
             };
@@ -512,7 +503,7 @@ impl Receiver {
         if !to_write.is_empty() {
             let docs: Vec<(usize, &Document)> = to_write.iter().enumerate().collect();
             for batch in apply::prepare(schema, &docs, rules)? {
-                apply::upsert(tx, schema, &batch, &[], rules).await?;
+                stats.upserts += apply::upsert(tx, schema, &batch, &[], rules).await?.written;
             }
         }
         stats.dlq += apply::write_dlq(

@@ -228,11 +228,11 @@ fn tuple(schema: &TableSchema, alias: &str, cols: &[usize]) -> String {
     format!("ROW({})", parts.join(", "))
 }
 
-/// The upsert statement for `batch`'s columns; with `cas`, only rows whose
-/// CAS tuple is strictly greater than the stored one (or with no stored row)
-/// are written, and the statement returns the ordinals of the rows it did not write.
+/// The upsert statement for `batch`'s columns. With `cas`, a row is written
+/// only when no row has its key or its CAS tuple is strictly greater than the
+/// stored one; the statement's row count then tells whether any row lost.
 pub fn upsert_sql(schema: &TableSchema, columns: &[usize], cas: &[usize], rules: &WriteRules) -> String {
-    let (arrays, select) = unnest_source(schema, columns, rules, "c", 2);
+    let (arrays, select) = unnest_source(schema, columns, rules, "c", 1);
     let names: Vec<String> = columns
         .iter()
         .map(|&i| quote_ident(&schema.columns[i].name))
@@ -252,14 +252,12 @@ pub fn upsert_sql(schema: &TableSchema, columns: &[usize], cas: &[usize], rules:
         ""
     };
     let mut sql = format!(
-        "WITH u AS (SELECT u.mrd_o, {} FROM unnest($1::int4[], {}) AS u(mrd_o{})), \
-         w AS (INSERT INTO {} AS cur ({}){overriding} SELECT {} FROM u ON CONFLICT ({}) ",
-        select.join(", "),
-        arrays.join(", "),
-        aliases("c", columns.len()),
+        "INSERT INTO {} AS cur ({}){overriding} SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) ",
         table_ref(schema),
         names.join(", "),
-        names.join(", "),
+        select.join(", "),
+        arrays.join(", "),
+        aliases("c", columns.len()).trim_start_matches(", "),
         pk.join(", "),
     );
     if updates.is_empty() {
@@ -276,15 +274,45 @@ pub fn upsert_sql(schema: &TableSchema, columns: &[usize], cas: &[usize], rules:
             );
         }
     }
-    let _ = write!(
-        sql,
-        " RETURNING {}) SELECT u.mrd_o FROM u WHERE NOT EXISTS (SELECT 1 FROM w WHERE {})",
-        pk.iter().map(|q| format!("cur.{q}")).collect::<Vec<_>>().join(", "),
-        pk_match(schema, "w", "u")
-    );
     sql
 }
 
+/// Finds the rows of a batch that the upsert did not write: those whose
+/// stored row differs from the proposed one on any written column. The
+/// upsert locked every conflicting row, so the stored rows cannot change
+/// between the two statements.
+fn losers_sql(schema: &TableSchema, columns: &[usize], rules: &WriteRules) -> String {
+    let (arrays, select) = unnest_source(schema, columns, rules, "c", 2);
+    let comparable = |alias: &str| -> String {
+        let parts: Vec<String> = columns
+            .iter()
+            .map(|&i| {
+                let col = &schema.columns[i];
+                let q = format!("{alias}.{}", quote_ident(&col.name));
+                // json has no equality operator; compare its jsonb form.
+                if col.sql_type == "json" {
+                    format!("{q}::jsonb")
+                } else {
+                    q
+                }
+            })
+            .collect();
+        format!("ROW({})", parts.join(", "))
+    };
+    format!(
+        "WITH u AS (SELECT u.mrd_o, {} FROM unnest($1::int4[], {}) AS u(mrd_o{})) \
+         SELECT u.mrd_o FROM u JOIN {} AS cur ON {} WHERE {} IS DISTINCT FROM {}",
+        select.join(", "),
+        arrays.join(", "),
+        aliases("c", columns.len()),
+        table_ref(schema),
+        pk_match(schema, "cur", "u"),
+        comparable("cur"),
+        comparable("u"),
+    )
+}
+
+#[allow(clippy::ptr_arg)] // ToSql is implemented for Vec<T>, not [T].
 fn params<'a>(ords: &'a Vec<i32>, batch: &'a TableBatch) -> Vec<&'a (dyn ToSql + Sync)> {
     let mut p: Vec<&(dyn ToSql + Sync)> = vec![ords];
     for col in &batch.values {
@@ -293,26 +321,49 @@ fn params<'a>(ords: &'a Vec<i32>, batch: &'a TableBatch) -> Vec<&'a (dyn ToSql +
     p
 }
 
-/// Upserts `batch`; with CAS columns, returns the caller ordinals of rows that
-/// lost to the stored row. `cas` must be a subset of `batch.columns`.
+/// What an upsert did.
+#[derive(Debug, Default)]
+pub struct Upserted {
+    /// Rows inserted or updated.
+    pub written: u64,
+    /// Caller ordinals of rows that lost to a different stored row.
+    pub losers: Vec<usize>,
+}
+
+/// Upserts `batch`; with CAS columns, also finds the rows that lost to the
+/// stored row. `cas` must be a subset of `batch.columns`.
 pub async fn upsert(
     tx: &Transaction<'_>,
     schema: &TableSchema,
     batch: &TableBatch,
     cas: &[usize],
     rules: &WriteRules,
-) -> Result<Vec<usize>, TargetError> {
+) -> Result<Upserted, TargetError> {
     let sql = upsert_sql(schema, &batch.columns, cas, rules);
+    let values: Vec<&(dyn ToSql + Sync)> =
+        batch.values.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
+    let written = tx.execute(&stmt, &values).await.map_err(TargetError::db)?;
+    if cas.is_empty() || written as usize == batch.len() {
+        return Ok(Upserted {
+            written,
+            losers: Vec::new(),
+        });
+    }
+    let sql = losers_sql(schema, &batch.columns, rules);
     let ords: Vec<i32> = (0..batch.len() as i32).collect();
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
     let rows = tx
         .query(&stmt, &params(&ords, batch))
         .await
         .map_err(TargetError::db)?;
-    Ok(rows
-        .iter()
-        .map(|r| batch.ords[r.get::<_, i32>(0) as usize])
-        .collect())
+    Ok(Upserted {
+        written,
+        losers: rows
+            .iter()
+            .map(|r| batch.ords[r.get::<_, i32>(0) as usize])
+            .collect(),
+    })
 }
 
 /// Deletes the rows `keys` identifies. With CAS, a row is deleted only when

@@ -165,6 +165,16 @@ impl Target {
         let mut cfg = self.base.clone();
         cfg.dbname(database);
         cfg.application_name("meridian");
+        // Every session in these pools is meridian's: mark it once at connect
+        // (the stamping trigger of sql/postgres/setup.sql then leaves
+        // _source/_timestamp as they came) and bound each statement by the
+        // apply timeout, instead of two extra round trips per request.
+        let timeout_ms = self.options.apply_timeout.as_millis().max(1);
+        let mut opts = format!("-c meridian.applying=on -c statement_timeout={timeout_ms}");
+        if let Some(user) = self.base.get_options() {
+            opts = format!("{user} {opts}");
+        }
+        cfg.options(opts);
         let mgr = Manager::from_config(
             cfg,
             tokio_postgres::NoTls,
