@@ -26,6 +26,8 @@ pub enum Command {
     Changefeed(crate::source::postgres::ChangefeedArgs),
     /// Print the userscript API or check a userscript without starting a server.
     Userscript(crate::script::UserscriptArgs),
+    /// Run the east/west active-active demo on embedded PostgreSQL clusters.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Flags of `meridian start`.

@@ -5,6 +5,7 @@
 
 pub mod changefeed;
 pub mod cli;
+pub mod demo;
 pub mod metrics;
 pub mod pgcluster;
 pub mod script;

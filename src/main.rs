@@ -7,10 +7,15 @@ use meridian::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own progress and report; daemons log at info.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -20,6 +25,7 @@ fn main() -> ExitCode {
             Command::Start(args) => meridian::server::run(args).await,
             Command::Changefeed(args) => meridian::source::postgres::run(args).await,
             Command::Userscript(args) => meridian::script::run_command(args),
+            Command::Demo(args) => meridian::demo::run(args).await,
         }
     });
     match result {
