@@ -10,7 +10,8 @@ use meridian::script::{ApplyOp, ColumnInfo, Limits, ScriptTx, TableName, Userscr
 use serde_json::{json, Value};
 
 fn row(k: i64, source: &str) -> Mutation {
-    let after = json!({"k": k, "v": "AQIDBA==", "_source": source, "_timestamp": "2026-01-01T00:00:01Z"});
+    let after =
+        json!({"k": k, "v": "AQIDBA==", "_source": source, "_timestamp": "2026-01-01T00:00:01Z"});
     Mutation {
         topic: Some("kv".into()),
         key: Some(vec![json!(k)]),
@@ -36,7 +37,12 @@ impl ScriptTx for CountingTx {
         Ok(())
     }
     fn columns(&self) -> Vec<ColumnInfo> {
-        vec![ColumnInfo { name: "k".into(), sql_type: "INT8".into(), primary: true, ignored: false }]
+        vec![ColumnInfo {
+            name: "k".into(),
+            sql_type: "INT8".into(),
+            primary: true,
+            ignored: false,
+        }]
     }
     fn schema(&self) -> String {
         "public".into()
@@ -44,6 +50,13 @@ impl ScriptTx for CountingTx {
     fn table(&self) -> String {
         "kv.public.kv".into()
     }
+}
+
+/// `BENCH_ONLY=<substring>` runs only the matching measurements.
+fn wanted(what: &str) -> bool {
+    std::env::var("BENCH_ONLY")
+        .map(|f| what.contains(&f))
+        .unwrap_or(true)
 }
 
 fn report(what: &str, rows: usize, elapsed: Duration) {
@@ -55,64 +68,91 @@ fn report(what: &str, rows: usize, elapsed: Duration) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("userscripts");
     let script = Userscript::load(&dir.join("init.ts"), Limits::default()).expect("init.ts loads");
-    let apply_script = Userscript::load(&dir.join("init_apply.ts"), Limits::default()).expect("init_apply.ts loads");
+    let apply_script = Userscript::load(&dir.join("init_apply.ts"), Limits::default())
+        .expect("init_apply.ts loads");
     let table = TableName::new("kv", "public", "kv");
 
     for &size in &[1usize, 100, 1000] {
+        let what = format!("dispatch (seed repl.ts), {size}-row batches, 1 caller");
+        if !wanted(&what) {
+            continue;
+        }
         let batches = (200_000 / size).max(2000);
-        let batch: Vec<Mutation> =
-            (0..size as i64).map(|k| row(k, if k % 2 == 0 { "east" } else { "west" })).collect();
+        let batch: Vec<Mutation> = (0..size as i64)
+            .map(|k| row(k, if k % 2 == 0 { "east" } else { "west" }))
+            .collect();
         // Warm up.
-        rt.block_on(script.dispatch("kv", "public", None, batch.clone())).unwrap();
+        rt.block_on(script.dispatch("kv", "public", None, batch.clone()))
+            .unwrap();
         let started = Instant::now();
         let mut kept = 0;
         for _ in 0..batches {
-            kept += rt.block_on(script.dispatch("kv", "public", None, batch.clone())).unwrap().len();
+            kept += rt
+                .block_on(script.dispatch("kv", "public", None, batch.clone()))
+                .unwrap()
+                .len();
         }
         assert_eq!(kept, batches * size.div_ceil(2));
-        report(&format!("dispatch (seed repl.ts), {size}-row batches, 1 caller"), batches * size, started.elapsed());
+        report(&what, batches * size, started.elapsed());
     }
 
     // Concurrent callers use the whole pool.
-    let size = 1000;
-    let batch: Vec<Mutation> = (0..size as i64).map(|k| row(k, if k % 2 == 0 { "east" } else { "west" })).collect();
-    let started = Instant::now();
-    let per_task = 200;
-    rt.block_on(async {
-        let tasks: Vec<_> = (0..4)
-            .map(|_| {
-                let s = script.clone();
-                let b = batch.clone();
-                tokio::spawn(async move {
-                    for _ in 0..per_task {
-                        s.dispatch("kv", "public", None, b.clone()).await.unwrap();
-                    }
-                })
-            })
+    let what = "dispatch (seed repl.ts), 1000-row batches, 4 callers";
+    if wanted(what) {
+        let size = 1000;
+        let batch: Vec<Mutation> = (0..size as i64)
+            .map(|k| row(k, if k % 2 == 0 { "east" } else { "west" }))
             .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-    });
-    report("dispatch (seed repl.ts), 1000-row batches, 4 callers", 4 * per_task * size, started.elapsed());
+        let started = Instant::now();
+        let per_task = 200;
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..4)
+                .map(|_| {
+                    let s = script.clone();
+                    let b = batch.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..per_task {
+                            s.dispatch("kv", "public", None, b.clone()).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        report(what, 4 * per_task * size, started.elapsed());
+    }
 
     for &size in &[1usize, 1000] {
+        let what = format!("filtering apply (repl_apply.ts), {size}-row batches");
+        if !wanted(&what) {
+            continue;
+        }
         let batches = (200_000 / size).max(2000);
         let ops: Vec<ApplyOp> = (0..size as i64)
             .map(|k| {
                 let m = row(k, if k % 2 == 0 { "east" } else { "west" });
-                ApplyOp::Upsert { data: m.after.unwrap(), before: None }
+                ApplyOp::Upsert {
+                    data: m.after.unwrap(),
+                    before: None,
+                }
             })
             .collect();
         let started = Instant::now();
         let mut tx = CountingTx(0);
         for _ in 0..batches {
-            rt.block_on(apply_script.apply(&table, ops.clone(), &mut tx)).unwrap();
+            rt.block_on(apply_script.apply(&table, ops.clone(), &mut tx))
+                .unwrap();
         }
         assert_eq!(tx.0, batches * size.div_ceil(2));
-        report(&format!("filtering apply (repl_apply.ts), {size}-row batches"), batches * size, started.elapsed());
+        report(&what, batches * size, started.elapsed());
     }
 }

@@ -57,8 +57,8 @@ declare module "replicator@v1" {
                * Routes one row: returns a map of target table to documents
                * to upsert there, or null / {} to drop the row. `doc` is the
                * new row; `meta` carries at least `schema`, `table` (the
-               * changefeed topic, or the URL's table), `nanos`, `logical`,
-               * `updated` and `key`.
+               * changefeed topic, or the URL's table), `nanos`, `logical`
+               * and `key` (the primary key values).
                */
               dispatch: (doc: Document, meta: Document) => Record<Table, Document[]> | null;
               /**

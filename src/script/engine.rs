@@ -631,15 +631,14 @@ fn unquote(c: &str) -> String {
     c.trim_matches('"').replace("\"\"", "\"")
 }
 
-/// `{"schema":…,"table":…,"nanos":…,"logical":…,"key":…,"updated":…}`
-fn write_meta(out: &mut Vec<u8>, database: &str, schema: &str, table: &str, m: &Mutation) {
+/// `{"schema":…,"table":…,"nanos":…,"logical":…,"key":[…]}`: kept small,
+/// since scripts commonly `JSON.stringify(meta)` for every row.
+fn write_meta(out: &mut Vec<u8>, _database: &str, schema: &str, table: &str, m: &Mutation) {
     let mut meta = Map::new();
-    meta.insert("database".into(), database.into());
     meta.insert("schema".into(), schema.into());
     meta.insert("table".into(), table.into());
     meta.insert("nanos".into(), m.updated.nanos.into());
     meta.insert("logical".into(), m.updated.logical.into());
-    meta.insert("updated".into(), m.updated.to_string().into());
     if let Some(k) = &m.key {
         meta.insert("key".into(), Value::Array(k.clone()));
     }
