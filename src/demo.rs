@@ -144,14 +144,20 @@ impl RunningChangefeed {
     }
 }
 
-/// Starts a changefeed from `source_url`'s kv table to a receiver.
-pub async fn start_changefeed(source_url: &str, receiver: &RunningServer) -> Result<RunningChangefeed> {
-    let sink = format!(
+/// The webhook sink URL of a receiver started by [`start_receiver`].
+pub fn sink_url(receiver: &RunningServer) -> String {
+    format!(
         "webhook-https://127.0.0.1:{}/kv/public?insecure_tls_skip_verify=true",
         receiver.addr().port()
-    );
+    )
+}
+
+/// Starts a changefeed from `source_url`'s kv table to `sink`, retrying a
+/// sink that does not answer at least every `retry_max`.
+pub async fn start_changefeed(source_url: &str, sink: String, retry_max: Duration) -> Result<RunningChangefeed> {
     let mut opts = ChangefeedOptions::new(source_url, vec!["kv.public.kv".into()], sink);
     opts.resolved_interval = Some(Duration::from_secs(1));
+    opts.retry_max = retry_max;
     let metrics = ChangefeedMetrics::new();
     let registry = metrics.registry.clone();
     let app = axum::Router::new().route(
@@ -309,8 +315,8 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
     // east → west: east's changefeed posts to the receiver applying to west.
     let east_west = start_receiver(&west.url, &ew_script).await?;
     let west_east = start_receiver(&east.url, &we_script).await?;
-    let cf_east = start_changefeed(&east.url, &east_west).await?;
-    let cf_west = start_changefeed(&west.url, &west_east).await?;
+    let cf_east = start_changefeed(&east.url, sink_url(&east_west), Duration::from_secs(2)).await?;
+    let cf_west = start_changefeed(&west.url, sink_url(&west_east), Duration::from_secs(2)).await?;
     for (component, region, addr) in [
         ("east_west", "west", east_west.metrics_addr().expect("metricsAddr set")),
         ("west_east", "east", west_east.metrics_addr().expect("metricsAddr set")),
