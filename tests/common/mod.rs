@@ -120,7 +120,14 @@ pub fn write_script(dir: &Path, name: &str, text: &str) -> String {
 }
 
 /// A one-row kv batch.
-pub fn kv_row(k: i64, v: &str, source: &str, ts: &str, before: Option<&str>, updated: &str) -> String {
+pub fn kv_row(
+    k: i64,
+    v: &str,
+    source: &str,
+    ts: &str,
+    before: Option<&str>,
+    updated: &str,
+) -> String {
     format!(
         r#"{{"after":{{"k":{k},"v":"{v}","_source":"{source}","_timestamp":"{ts}"}},"before":{},"key":[{k}],"topic":"kv","updated":"{updated}"}}"#,
         before.unwrap_or("null")
@@ -128,5 +135,9 @@ pub fn kv_row(k: i64, v: &str, source: &str, ts: &str, before: Option<&str>, upd
 }
 
 pub fn batch(rows: &[String]) -> String {
-    format!(r#"{{"payload":[{}],"length":{}}}"#, rows.join(","), rows.len())
+    format!(
+        r#"{{"payload":[{}],"length":{}}}"#,
+        rows.join(","),
+        rows.len()
+    )
 }
