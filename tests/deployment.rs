@@ -126,9 +126,9 @@ fn interpolate(s: &str, env: &BTreeMap<String, String>, overrides: &BTreeMap<&st
     while let Some(p) = rest.find('$') {
         out.push_str(&rest[..p]);
         let r = &rest[p..];
-        if r.starts_with("$$") {
+        if let Some(after) = r.strip_prefix("$$") {
             out.push('$');
-            rest = &r[2..];
+            rest = after;
         } else if r.starts_with("${") {
             let end = r.find('}').expect("closed ${");
             let inner = &r[2..end];

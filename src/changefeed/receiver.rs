@@ -458,7 +458,7 @@ impl Receiver {
                         .collect::<Vec<_>>()
                         .join(", ");
                     return Err(TargetError::Unmerged {
-                        table: schema.name.clone(),
+                        table: schema.name.to_string(),
                         key: format!("[{key}]"),
                         columns: cols.join(", "),
                     }
@@ -540,7 +540,7 @@ fn cas_columns(schema: &TableSchema, cfg: &TableConfig) -> Result<Vec<usize>, Re
         .map(|name| {
             schema.column(name).map(|(i, _)| i).ok_or_else(|| {
                 TargetError::UnknownColumn {
-                    table: schema.name.clone(),
+                    table: schema.name.to_string(),
                     column: name.clone(),
                 }
                 .into()
@@ -575,7 +575,7 @@ fn key_of(schema: &TableSchema, m: &Mutation) -> Result<Vec<Value>, ReceiveError
         return Ok(k);
     }
     Err(TargetError::MissingKey {
-        table: schema.name.clone(),
+        table: schema.name.to_string(),
         column: schema.pk_columns().next().map(|c| c.name.clone()).unwrap_or_default(),
     }
     .into())
@@ -622,7 +622,7 @@ fn apply_deadlines(
                     continue;
                 };
                 let ts = parse_timestamp(v).ok_or_else(|| TargetError::BadDeadline {
-                    table: schema.name.clone(),
+                    table: schema.name.to_string(),
                     column: col.clone(),
                     value: v.to_string(),
                 })?;
@@ -672,8 +672,8 @@ fn batch_for_columns(
             let v = match doc.and_then(|d| d.get(&col.name)) {
                 Some(v) => crate::target::convert::to_sql_text(col, v).map_err(|source| {
                     TargetError::Convert {
-                        table: schema.name.clone(),
-                        source,
+                        table: schema.name.to_string(),
+                        source: Box::new(source),
                     }
                 })?,
                 None => None,

@@ -64,7 +64,7 @@ pub fn prepare(
     let extras_idx = match &rules.extras {
         Some(name) => Some(schema.column(name).map(|(i, _)| i).ok_or_else(|| {
             TargetError::UnknownColumn {
-                table: schema.name.clone(),
+                table: schema.name.to_string(),
                 column: name.clone(),
             }
         })?),
@@ -83,8 +83,8 @@ pub fn prepare(
                 Some((_, col)) if col.generated => continue,
                 Some((i, col)) => {
                     let text = to_sql_text(col, value).map_err(|source| TargetError::Convert {
-                        table: schema.name.clone(),
-                        source,
+                        table: schema.name.to_string(),
+                        source: Box::new(source),
                     })?;
                     row.push((i, text));
                 }
@@ -93,7 +93,7 @@ pub fn prepare(
                 }
                 None => {
                     return Err(TargetError::UnknownColumn {
-                        table: schema.name.clone(),
+                        table: schema.name.to_string(),
                         column: prop.clone(),
                     })
                 }
@@ -109,7 +109,7 @@ pub fn prepare(
         for &pk in &schema.pk {
             if !row.iter().any(|(i, v)| *i == pk && v.is_some()) {
                 return Err(TargetError::MissingKey {
-                    table: schema.name.clone(),
+                    table: schema.name.to_string(),
                     column: schema.columns[pk].name.clone(),
                 });
             }
@@ -144,7 +144,7 @@ pub fn prepare_keys(
     for (_, key) in keys {
         if key.len() != schema.pk.len() {
             return Err(TargetError::MissingKey {
-                table: schema.name.clone(),
+                table: schema.name.to_string(),
                 column: schema.columns[schema.pk[key.len().min(schema.pk.len() - 1)]]
                     .name
                     .clone(),
@@ -153,12 +153,12 @@ pub fn prepare_keys(
         for (k, &pk) in schema.pk.iter().enumerate() {
             let col = &schema.columns[pk];
             let text = to_sql_text(col, &key[k]).map_err(|source| TargetError::Convert {
-                table: schema.name.clone(),
-                source,
+                table: schema.name.to_string(),
+                source: Box::new(source),
             })?;
             if text.is_none() {
                 return Err(TargetError::MissingKey {
-                    table: schema.name.clone(),
+                    table: schema.name.to_string(),
                     column: col.name.clone(),
                 });
             }

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod convert;
 pub mod merge;
+pub mod name;
 pub mod schema;
 pub mod sql;
 
@@ -19,28 +20,28 @@ use tokio_postgres::error::SqlState;
 pub use apply::{Loser, TableBatch};
 pub use schema::{SchemaCache, TableSchema};
 
-use crate::script::TableName;
 
 /// Why applying to the target failed. [`TargetError::is_transient`] tells a
 /// failure worth retrying (HTTP 503) from input that will never apply (400).
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("unknown table {0}")]
-    UnknownTable(TableName),
+    UnknownTable(String),
     #[error("table {0} has no primary key")]
-    NoPrimaryKey(TableName),
+    NoPrimaryKey(String),
     #[error("table {table}: unknown column {column:?}")]
-    UnknownColumn { table: TableName, column: String },
+    UnknownColumn { table: String, column: String },
     #[error("table {table}: {source}")]
     Convert {
-        table: TableName,
-        source: convert::ConvertError,
+        table: String,
+        // Boxed: keeps every Result carrying this error small.
+        source: Box<convert::ConvertError>,
     },
     #[error("table {table}: row has no value for primary-key column {column:?}")]
-    MissingKey { table: TableName, column: String },
+    MissingKey { table: String, column: String },
     #[error("table {table}: deadline column {column:?} has a value that is not a timestamp: {value}")]
     BadDeadline {
-        table: TableName,
+        table: String,
         column: String,
         value: String,
     },
@@ -48,7 +49,7 @@ pub enum TargetError {
     MissingDlq { table: String, create: String },
     #[error("table {table}: conflict on key {key} could not be merged (unmerged columns: {columns}) and the merge has no fallback")]
     Unmerged {
-        table: TableName,
+        table: String,
         key: String,
         columns: String,
     },

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use tokio_postgres::GenericClient;
 
 use super::TargetError;
-use crate::script::TableName;
+use super::name::TableName;
 
 /// How a column's JSON values are turned into SQL input text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +105,7 @@ pub async fn introspect(
         .await
         .map_err(TargetError::db)?;
     if rows.is_empty() {
-        return Err(TargetError::UnknownTable(name.clone()));
+        return Err(TargetError::UnknownTable(name.to_string()));
     }
     let mut columns = Vec::with_capacity(rows.len());
     for r in rows {
@@ -126,7 +126,7 @@ pub async fn introspect(
         .collect();
     pk.sort_by_key(|&i| columns[i].pk_position);
     if pk.is_empty() {
-        return Err(TargetError::NoPrimaryKey(name.clone()));
+        return Err(TargetError::NoPrimaryKey(name.to_string()));
     }
     Ok(TableSchema {
         name: name.clone(),
