@@ -5,14 +5,14 @@
 //! never keys or error strings.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// Apply latency: a one-row request takes about a millisecond, a large batch
-/// up to a few seconds.
+/// up to a few seconds, and the apply timeout defaults to 10s.
 fn apply_buckets() -> Vec<f64> {
-    exponential_buckets(0.000_25, 2.0, 16).unwrap() // 0.25ms .. ~8s
+    exponential_buckets(0.000_25, 2.0, 18).unwrap() // 0.25ms .. ~33s
 }
 
 /// Lag: seconds to hours.
@@ -39,7 +39,7 @@ pub struct ReceiverMetrics {
     pub http_status_codes: IntCounterVec,
     pub http_latency: Histogram,
     pub http_payload_in_bytes: IntCounter,
-    pub resolved_timestamp: IntGaugeVec,
+    pub resolved_timestamp: GaugeVec,
     pub script_duration: HistogramVec,
     pub target_pool_size: IntGauge,
     pub target_pool_available: IntGauge,
@@ -88,7 +88,7 @@ impl ReceiverMetrics {
         )
         .unwrap();
         r.register(Box::new(http_payload_in_bytes.clone())).unwrap();
-        let resolved_timestamp = IntGaugeVec::new(
+        let resolved_timestamp = GaugeVec::new(
             Opts::new(
                 "resolved_timestamp_seconds",
                 "Newest resolved timestamp received, as Unix seconds",
@@ -221,18 +221,23 @@ impl ChangefeedMetrics {
         r.register(Box::new(lag_seconds.clone())).unwrap();
         r.register(Box::new(slot_lag_bytes.clone())).unwrap();
         r.register(Box::new(send_duration.clone())).unwrap();
+        let errors = counter_vec(
+            &r,
+            "changefeed_errors_total",
+            "Failed sends by kind (status class or transport)",
+            &["kind"],
+        );
+        // Every kind exists from the start, so increase() sees the first error.
+        for kind in ["4xx", "5xx", "timeout", "transport", "source"] {
+            errors.with_label_values(&[kind]);
+        }
         ChangefeedMetrics {
+            errors,
             rows_sent: counter_vec(
                 &r,
                 "changefeed_rows_sent_total",
                 "Rows the sink answered 2xx",
                 TABLE,
-            ),
-            errors: counter_vec(
-                &r,
-                "changefeed_errors_total",
-                "Failed sends by kind (status class or transport)",
-                &["kind"],
             ),
             batches_sent,
             retries,

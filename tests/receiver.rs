@@ -449,7 +449,23 @@ async fn resolved_checkpoints_are_accepted() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains(r#"resolved_timestamp_seconds{schema="public"} 1700000000"#), "{metrics}");
+    assert!(metrics.contains(r#"resolved_timestamp_seconds{schema="public"} 1700000000.1"#), "{metrics}");
+    // A schema that does not exist is refused and mints no metric series.
+    let (status, text) = f
+        .post("/resolved/nosuch", r#"{"resolved":"1700000000123456789.0000000000"}"#)
+        .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("nosuch"), "{text}");
+    let metrics = f
+        .http
+        .get(format!("{}/_/varz", f.server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("nosuch"), "{metrics}");
 }
 
 #[tokio::test]

@@ -91,12 +91,20 @@ impl Receiver {
         table: Option<&str>,
         body: &[u8],
     ) -> Result<Outcome, ReceiveError> {
-        match parse_body(body)? {
+        let envelope = parse_body(body)?;
+        // The URL's schema becomes a metric label: it must name a real schema,
+        // or any client could mint new series.
+        if !self.target.schema_exists(database, schema).await? {
+            return Err(ReceiveError::Route(format!(
+                "schema {schema:?} does not exist in database {database:?}"
+            )));
+        }
+        match envelope {
             Envelope::Resolved(hlc) => {
                 self.metrics
                     .resolved_timestamp
                     .with_label_values(&[schema])
-                    .set(hlc.nanos / 1_000_000_000);
+                    .set(hlc.seconds());
                 Ok(Outcome {
                     resolved: Some(hlc),
                     ..Outcome::default()
@@ -185,6 +193,8 @@ impl Receiver {
         for (t, s) in &stats {
             let l = [t.schema.as_str(), t.table.as_str()];
             let m = &self.metrics;
+            // Present from the first request, so increase() sees the first error.
+            m.apply_errors.with_label_values(&l);
             m.apply_upserts.with_label_values(&l).inc_by(s.upserts);
             m.apply_deletes.with_label_values(&l).inc_by(s.deletes);
             m.apply_conflicts.with_label_values(&l).inc_by(s.conflicts);
@@ -210,9 +220,15 @@ impl Receiver {
 
     fn count_error(&self, schema: &str, tables: &BTreeMap<TableName, Vec<Mutation>>) {
         for t in tables.keys() {
+            // Only tables that exist get their own series (bounded labels).
+            let table = if self.target.schemas.contains(t) {
+                t.table.as_str()
+            } else {
+                "(unknown)"
+            };
             self.metrics
                 .apply_errors
-                .with_label_values(&[schema, t.table.as_str()])
+                .with_label_values(&[schema, table])
                 .inc();
         }
     }

@@ -128,6 +128,7 @@ pub struct Target {
     base: tokio_postgres::Config,
     default_db: String,
     pools: Mutex<HashMap<String, Pool>>,
+    known_schemas: Mutex<std::collections::HashSet<(String, String)>>,
     pub schemas: SchemaCache,
     pub options: TargetOptions,
 }
@@ -147,6 +148,7 @@ impl Target {
             base,
             default_db,
             pools: Mutex::new(HashMap::new()),
+            known_schemas: Mutex::new(Default::default()),
             schemas: SchemaCache::default(),
             options,
         })
@@ -211,6 +213,24 @@ impl Target {
             }
             other => TargetError::Unavailable(other.to_string()),
         })
+    }
+
+    /// True when `schema` exists in `database` (positive answers are cached).
+    pub async fn schema_exists(&self, database: &str, schema: &str) -> Result<bool, TargetError> {
+        let key = (database.to_string(), schema.to_string());
+        if self.known_schemas.lock().unwrap().contains(&key) {
+            return Ok(true);
+        }
+        let c = self.connect(database).await?;
+        let found = c
+            .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+            .await
+            .map_err(TargetError::db)?
+            .is_some();
+        if found {
+            self.known_schemas.lock().unwrap().insert(key);
+        }
+        Ok(found)
     }
 
     /// Pool use across databases: (size, available, waiting).

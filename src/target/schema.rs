@@ -168,6 +168,11 @@ impl SchemaCache {
         Ok(s)
     }
 
+    /// True when the table's schema has been read (it exists).
+    pub fn contains(&self, name: &TableName) -> bool {
+        self.tables.read().unwrap().contains_key(name)
+    }
+
     /// Forgets a table so the next use reads it again.
     pub fn invalidate(&self, name: &TableName) {
         self.tables.write().unwrap().remove(name);
