@@ -556,3 +556,29 @@ async fn local_writes_racing_replication_are_never_lost() {
         .await;
     assert_eq!(rows, vec!["\\x11|west|2026-01-01 00:00:29+00"]);
 }
+
+#[tokio::test]
+async fn table_options_map_ignore_extras_exprs() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("t", {
+            ignore: ["junk"],
+            extras: "more",
+            exprs: { name: "upper($0)" },
+            map: (doc) => ({ ...doc, mapped: true }),
+        });"#,
+    );
+    let f = fixture(
+        "table_options",
+        "CREATE TABLE t (id INT8 PRIMARY KEY, name TEXT, more JSONB)",
+        &["--userscript", &path],
+    )
+    .await;
+    let body = r#"{"payload":[{"after":{"id":1,"name":"ada","junk":"x","color":"red"},"key":[1],"topic":"t","updated":"1.0"}],"length":1}"#;
+    let (status, text) = f.post("/table_options/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT id, name, more FROM t").await,
+        vec![r#"1|ADA|{"color": "red", "mapped": true}"#]
+    );
+}
