@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -866,85 +866,4 @@ async fn setup_sql_stamps_local_writes_only() {
     db.batch_execute("SELECT pg_drop_replication_slot('meridian')")
         .await
         .unwrap();
-}
-
-/// Throughput: `cargo test --release --test changefeed_source -- --ignored --nocapture throughput`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn throughput() {
-    if std::env::var("RUST_LOG").is_ok() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .try_init();
-    }
-    let n: i64 = std::env::var("ROWS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200_000);
-    let (url, db) = kv_db("cf_perf").await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_perf".into();
-    sink.state.lock().unwrap().fast = true;
-    let feed = start(o);
-    wait_slot(&db, "cf_perf").await;
-    db.execute(
-        "INSERT INTO kv (k, v, n) SELECT g, md5(g::text), g * 1.5 FROM generate_series(1, $1::int8) g",
-        &[&n],
-    )
-    .await
-    .unwrap();
-    let started = Instant::now();
-    let ok = wait_for(Duration::from_secs(600), || {
-        let m = feed.metrics.clone();
-        async move { m.rows_sent.with_label_values(&["public", "kv"]).get() as i64 >= n }
-    })
-    .await;
-    assert!(ok);
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "one transaction of {n} rows: {secs:.2}s, {:.0} rows/s, {} batches",
-        n as f64 / secs,
-        feed.metrics.batches_sent.get()
-    );
-
-    // Many small transactions.
-    let m0 = feed
-        .metrics
-        .rows_sent
-        .with_label_values(&["public", "kv"])
-        .get() as i64;
-    let small = n / 10;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..4i64 {
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let db = connect(&url).await;
-            let st = db
-                .prepare("INSERT INTO kv (k, v) VALUES ($1, 'x')")
-                .await
-                .unwrap();
-            let mut k = 10_000_000 + w;
-            while k < 10_000_000 + small {
-                db.execute(&st, &[&k]).await.unwrap();
-                k += 4;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let ok = wait_for(Duration::from_secs(600), || {
-        let m = feed.metrics.clone();
-        async move { m.rows_sent.with_label_values(&["public", "kv"]).get() as i64 >= m0 + small }
-    })
-    .await;
-    assert!(ok);
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{small} one-row transactions (4 writers): {secs:.2}s end to end, {:.0} rows/s",
-        small as f64 / secs
-    );
-    feed.stop().await;
 }
