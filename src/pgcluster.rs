@@ -64,6 +64,20 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The connection string for `database` on a local cluster at `port`.
+fn url_for(port: u16, database: &str) -> String {
+    format!("postgresql://postgres@127.0.0.1:{port}/{database}?sslmode=disable")
+}
+
+/// A superuser session on the `postgres` database of the cluster at `port`.
+async fn admin_client(port: u16) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(&url_for(port, "postgres"), tokio_postgres::NoTls)
+        .await
+        .context("connecting to the PostgreSQL cluster")?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")?;
@@ -158,18 +172,12 @@ impl PgCluster {
 
     /// A connection string for `database` as the `postgres` superuser.
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgresql://postgres@127.0.0.1:{}/{}?sslmode=disable",
-            self.port, database
-        )
+        url_for(self.port, database)
     }
 
     /// Creates `database` (no error if it exists) and returns its URL.
     pub async fn create_database(&self, database: &str) -> Result<String> {
-        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .context("connecting to the test cluster")?;
-        tokio::spawn(conn);
+        let client = admin_client(self.port).await?;
         let exists = client
             .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
             .await?
@@ -270,18 +278,12 @@ pub struct SharedCluster {
 
 impl SharedCluster {
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgresql://postgres@127.0.0.1:{}/{}?sslmode=disable",
-            self.port, database
-        )
+        url_for(self.port, database)
     }
 
     /// Creates a fresh database (dropping any leftover of the same name).
     pub async fn fresh_database(&self, database: &str) -> Result<String> {
-        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .context("connecting to the test cluster")?;
-        tokio::spawn(conn);
+        let client = admin_client(self.port).await?;
         let q = crate::target::sql::quote_ident(database);
         client
             .batch_execute(&format!("DROP DATABASE IF EXISTS {q} WITH (FORCE)"))

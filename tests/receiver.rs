@@ -128,15 +128,7 @@ async fn cas_newer_wins_older_goes_to_dlq() {
     assert_eq!(f.dump("SELECT k, v, _source FROM kv ORDER BY k").await, rows);
     assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 1);
 
-    let metrics = f
-        .http
-        .get(format!("{}/_/varz", f.server.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = f.metrics().await;
     assert!(metrics.contains(r#"apply_upserts_total{schema="public",table="kv"} 2"#), "{metrics}");
     assert!(metrics.contains(r#"dlq_enqueued_total{schema="public",table="kv"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"http_status_codes_total{code="200"} 2"#), "{metrics}");
@@ -155,15 +147,7 @@ async fn cas_loss_without_merge_is_discarded_and_counted() {
     assert_eq!(status, 200, "{text}");
     assert_eq!(f.dump("SELECT k, v FROM kv").await, vec!["1|\\xaa"]);
     assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
-    let metrics = f
-        .http
-        .get(format!("{}/_/varz", f.server.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = f.metrics().await;
     assert!(metrics.contains(r#"apply_conflicts_total{schema="public",table="kv"} 1"#), "{metrics}");
 }
 
@@ -440,15 +424,7 @@ async fn resolved_checkpoints_are_accepted() {
         .post("/resolved/public", r#"{"resolved":"1700000000123456789.0000000000"}"#)
         .await;
     assert_eq!(status, 200);
-    let metrics = f
-        .http
-        .get(format!("{}/_/varz", f.server.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = f.metrics().await;
     assert!(metrics.contains(r#"resolved_timestamp_seconds{schema="public"} 1700000000.1"#), "{metrics}");
     // A schema that does not exist is refused and mints no metric series.
     let (status, text) = f
@@ -456,15 +432,7 @@ async fn resolved_checkpoints_are_accepted() {
         .await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("nosuch"), "{text}");
-    let metrics = f
-        .http
-        .get(format!("{}/_/varz", f.server.base_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = f.metrics().await;
     assert!(!metrics.contains("nosuch"), "{metrics}");
 }
 

@@ -95,6 +95,18 @@ impl Fixture {
             .collect()
     }
 
+    /// The receiver's Prometheus text from `/_/varz`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/_/varz", self.server.base_url()))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         self.db.query_one(sql, &[]).await.expect("count").get(0)
     }
