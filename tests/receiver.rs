@@ -22,31 +22,12 @@ async fn plain_upserts_without_userscript() {
     );
 }
 
-/// A userscript in its own temporary folder.
-fn script(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_script(dir.path(), "init.ts", text);
-    (dir, path)
-}
-
 /// CAS on `_timestamp`; losers go to the DLQ named after the table.
 const CAS_DLQ: &str = r#"
 import * as api from "replicator@v1";
 api.configureTable("kv", { cas: ["_timestamp"], merge: api.standardMerge(() => ({ dlq: "kv" })) });
 "#;
 
-const T1: &str = "2026-01-01T00:00:01Z";
-const T2: &str = "2026-01-01T00:00:02Z";
-const T3: &str = "2026-01-01T00:00:03Z";
-
-async fn seed_row(f: &Fixture, k: i64, v: &str, source: &str, ts: &str) {
-    f.db.execute(
-        "INSERT INTO kv VALUES ($1, decode($2, 'hex'), $3, $4::text::timestamptz)",
-        &[&k, &v, &source, &ts],
-    )
-    .await
-    .unwrap();
-}
 
 #[tokio::test]
 async fn values_convert_by_column_type() {

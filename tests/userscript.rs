@@ -9,9 +9,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const T1: &str = "2026-01-01T00:00:01Z";
-const T2: &str = "2026-01-01T00:00:02Z";
-const T3: &str = "2026-01-01T00:00:03Z";
 
 fn shipped(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -19,21 +16,6 @@ fn shipped(name: &str) -> String {
         .join(name)
         .display()
         .to_string()
-}
-
-fn script(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_script(dir.path(), "init.ts", text);
-    (dir, path)
-}
-
-async fn seed_row(f: &Fixture, k: i64, v: &str, source: &str, ts: &str) {
-    f.db.execute(
-        "INSERT INTO kv VALUES ($1, decode($2, 'hex'), $3, $4::text::timestamptz)",
-        &[&k, &v, &source, &ts],
-    )
-    .await
-    .unwrap();
 }
 
 /// The seed's scripts address `kv.public`, so these run one after another on

@@ -153,3 +153,24 @@ pub fn batch(rows: &[String]) -> String {
         rows.len()
     )
 }
+
+pub const T1: &str = "2026-01-01T00:00:01Z";
+pub const T2: &str = "2026-01-01T00:00:02Z";
+pub const T3: &str = "2026-01-01T00:00:03Z";
+
+/// A userscript `init.ts` in its own temporary folder.
+pub fn script(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_script(dir.path(), "init.ts", text);
+    (dir, path)
+}
+
+/// A kv row written directly (as a local write would be).
+pub async fn seed_row(f: &Fixture, k: i64, v: &str, source: &str, ts: &str) {
+    f.db.execute(
+        "INSERT INTO kv VALUES ($1, decode($2, 'hex'), $3, $4::text::timestamptz)",
+        &[&k, &v, &source, &ts],
+    )
+    .await
+    .unwrap();
+}
