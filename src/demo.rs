@@ -159,17 +159,9 @@ pub async fn start_changefeed(source_url: &str, sink: String, retry_max: Duratio
     opts.resolved_interval = Some(Duration::from_secs(1));
     opts.retry_max = retry_max;
     let metrics = ChangefeedMetrics::new();
-    let registry = metrics.registry.clone();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let r = registry.clone();
-            async move { crate::metrics::render(&[&r]) }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let metrics_addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let metrics_addr =
+        crate::metrics::serve("127.0.0.1:0".parse().expect("address"), metrics.registry.clone())
+            .await?;
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(run_changefeed(opts, metrics.clone(), rx));
     Ok(RunningChangefeed {

@@ -268,3 +268,26 @@ pub fn render(registries: &[&Registry]) -> String {
         .expect("text encoding cannot fail");
     String::from_utf8(buf).expect("prometheus text is UTF-8")
 }
+
+/// Serves `registry` as Prometheus text at `/metrics` on `addr` (port 0 picks
+/// one); returns the bound address.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    registry: Registry,
+) -> std::io::Result<std::net::SocketAddr> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let r = registry.clone();
+            async move { render(&[&r]) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server on {bound}: {e}");
+        }
+    });
+    Ok(bound)
+}

@@ -215,23 +215,10 @@ impl From<ChangefeedArgs> for ChangefeedOptions {
 pub async fn run(args: ChangefeedArgs) -> Result<()> {
     let metrics = ChangefeedMetrics::new();
     if let Some(addr) = args.metrics_addr {
-        let registry = metrics.registry.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let r = registry.clone();
-                async move { crate::metrics::render(&[&r]) }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind(addr)
+        let bound = crate::metrics::serve(addr, metrics.registry.clone())
             .await
             .with_context(|| format!("binding --metricsAddr {addr}"))?;
-        tracing::info!("serving metrics on http://{addr}/metrics");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("metrics server: {e}");
-            }
-        });
+        tracing::info!("serving metrics on http://{bound}/metrics");
     }
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
