@@ -6,8 +6,15 @@
 //! consume anything; the slot's confirmed position is moved with
 //! `pg_replication_slot_advance` only after the sink answered 2xx for every row
 //! of every transaction up to that point, so a crash or restart of either side
-//! re-sends (at least once) and loses nothing. Batches go out one at a time,
-//! in commit order, so delivery is per-key ordered.
+//! re-sends (at least once) and loses nothing.
+//!
+//! Delivery is per-key ordered. Batches are cut at transaction boundaries
+//! where they fit; full batches of whole transactions may travel
+//! concurrently (up to `max_in_flight`) as long as no key is in two requests
+//! at once; any other batch (a trickle, part of a large transaction) goes
+//! alone, after everything before it was acknowledged, so a trickle arrives
+//! in commit order. While batches are in flight the next peek already runs,
+//! skipping the transactions planned before.
 //!
 //! `updated` is the transaction's commit time as an HLC (`nanos.logical`),
 //! forced strictly increasing: a commit time at or below the last value sent
@@ -22,13 +29,12 @@ pub mod pgoutput;
 pub mod sink;
 pub mod values;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::changefeed::Hlc;
@@ -106,6 +112,12 @@ pub struct ChangefeedArgs {
     #[arg(long = "retryMax", default_value = "10s", value_parser = crate::cli::parse_duration)]
     pub retry_max: Duration,
 
+    /// Most requests in flight at once. Only full batches of whole
+    /// transactions travel together, never two holding the same key; the
+    /// rest go one at a time in commit order.
+    #[arg(long = "maxInFlight", default_value_t = 4)]
+    pub max_in_flight: usize,
+
     /// Address to serve Prometheus metrics on at /metrics.
     #[arg(long = "metricsAddr", value_parser = crate::cli::parse_addr)]
     pub metrics_addr: Option<SocketAddr>,
@@ -133,6 +145,9 @@ pub struct ChangefeedOptions {
     pub client_timeout: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Most requests in flight at once (full batches of whole transactions
+    /// whose keys are not already in flight).
+    pub max_in_flight: usize,
 }
 
 impl ChangefeedOptions {
@@ -159,6 +174,7 @@ impl ChangefeedOptions {
             client_timeout: Duration::from_secs(30),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
+            max_in_flight: 4,
         }
     }
 
@@ -207,6 +223,7 @@ impl From<ChangefeedArgs> for ChangefeedOptions {
             client_timeout: a.client_timeout,
             retry_initial: Duration::from_millis(100),
             retry_max: a.retry_max,
+            max_in_flight: a.max_in_flight.max(1),
         }
     }
 }
@@ -301,21 +318,30 @@ struct Rel {
     table: Option<TableInfo>,
     columns: Vec<Column>,
     key_idx: Vec<usize>,
+    /// `"column":` per column, escaped once.
+    name_json: Vec<Vec<u8>>,
+    /// The table name as a JSON string.
+    topic_json: Vec<u8>,
 }
 
-/// One changed row of a replicated table.
-struct Change {
+/// One row's payload entry: a range of its transaction's buffer.
+struct Line {
+    start: usize,
+    end: usize,
+    /// Hash of (table, key): rows of one key never travel in two requests
+    /// at once.
+    key_hash: u64,
     table: TableInfo,
-    after: Option<Map<String, Value>>,
-    before: Option<Map<String, Value>>,
-    key: Vec<Value>,
 }
 
-/// One committed source transaction (only its replicated rows).
+/// One committed source transaction (only its replicated rows), its payload
+/// entries already written with its `updated`.
 struct Txn {
-    commit_micros: i64,
     end_lsn: u64,
-    changes: Vec<Change>,
+    hlc: Hlc,
+    commit_micros: i64,
+    buf: Vec<u8>,
+    lines: Vec<Line>,
 }
 
 enum Item {
@@ -327,17 +353,239 @@ enum Item {
     },
 }
 
-/// A transaction with its `updated` and serialized payload lines.
-struct PlannedTxn {
-    end_lsn: u64,
+/// What one peek found beyond what is already planned.
+struct Decoded {
+    items: Vec<Item>,
+    /// The rows end inside a transaction (left for later).
+    incomplete: bool,
+    /// Messages of transactions planned before (in flight, not yet advanced past).
+    skipped: usize,
+    /// Messages of the new transactions.
+    msgs: usize,
+    /// Commit LSN of the newest transaction or probe in `items`.
+    through: u64,
+    /// `updated` of the newest transaction with rows.
     hlc: Hlc,
-    commit_micros: i64,
-    lines: Vec<(String, TableInfo)>,
 }
 
-enum Planned {
-    Txn(PlannedTxn),
+/// A request body ready to send, and what its acknowledgement means.
+struct OutBatch {
+    body: Vec<u8>,
+    rows: usize,
+    keys: Vec<u64>,
+    /// May travel while other batches are in flight: it is full and holds
+    /// whole transactions only. Other batches go alone, after everything
+    /// before them was acknowledged, so a trickle arrives in commit order.
+    concurrent: bool,
+    /// The newest transaction all of whose rows are in this batch or earlier ones.
+    boundary: Option<(u64, Hlc)>,
+    counts: HashMap<(Arc<str>, Arc<str>), u64>,
+    newest_commit_micros: i64,
+}
+
+enum Step {
+    Batch(OutBatch),
     Probe { lsn: u64, content: String },
+}
+
+/// The batch being filled.
+#[derive(Default)]
+struct Builder {
+    body: Vec<u8>,
+    rows: usize,
+    keys: Vec<u64>,
+    counts: HashMap<(Arc<str>, Arc<str>), u64>,
+    newest_commit_micros: i64,
+    boundary: Option<(u64, Hlc)>,
+    /// Holds part of a transaction too large for one batch.
+    split: bool,
+}
+
+const BODY_HEAD: &[u8] = b"{\"payload\":[";
+
+impl Builder {
+    fn is_empty(&self) -> bool {
+        self.rows == 0 && self.boundary.is_none()
+    }
+
+    /// Payload bytes so far.
+    fn bytes(&self) -> usize {
+        self.body.len().saturating_sub(BODY_HEAD.len())
+    }
+
+    fn push(&mut self, line: &[u8], key_hash: u64, table: &TableInfo) {
+        if self.body.is_empty() {
+            self.body.reserve(64 * 1024);
+            self.body.extend_from_slice(BODY_HEAD);
+        } else if self.rows > 0 {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(line);
+        self.rows += 1;
+        self.keys.push(key_hash);
+        *self
+            .counts
+            .entry((table.schema.clone(), table.name.clone()))
+            .or_default() += 1;
+    }
+
+    fn finish(&mut self, full: bool) -> OutBatch {
+        let mut b = std::mem::take(self);
+        if b.rows > 0 {
+            b.body
+                .extend_from_slice(format!("],\"length\":{}}}", b.rows).as_bytes());
+        }
+        OutBatch {
+            concurrent: full && !b.split && b.rows > 0,
+            body: b.body,
+            rows: b.rows,
+            keys: b.keys,
+            boundary: b.boundary,
+            counts: b.counts,
+            newest_commit_micros: b.newest_commit_micros,
+        }
+    }
+}
+
+/// A dispatched batch, in commit order.
+struct Flight {
+    seq: u64,
+    done: bool,
+    exclusive: bool,
+    keys: Vec<u64>,
+    boundary: Option<(u64, Hlc)>,
+    counts: HashMap<(Arc<str>, Arc<str>), u64>,
+    newest_commit_micros: i64,
+}
+
+/// Delivery state of one `stream` (rebuilt after a reconnect: whatever was
+/// not acknowledged is read from the slot again).
+struct Pipeline {
+    queue: VecDeque<Step>,
+    builder: Builder,
+    window: VecDeque<Flight>,
+    tasks: tokio::task::JoinSet<(u64, Result<(), SendError>)>,
+    /// Key hashes of batches in flight.
+    keys: HashMap<u64, u32>,
+    in_flight: usize,
+    exclusive: bool,
+    next_seq: u64,
+    /// Commit LSN of the newest transaction (or probe) planned: peeks skip
+    /// everything at or below it.
+    planned_through: u64,
+    /// `updated` of the newest planned transaction.
+    hlc: Hlc,
+    /// Messages a peek is expected to skip (added to its limit).
+    expect_skip: usize,
+}
+
+impl Pipeline {
+    fn new(advanced_to: u64, floor: Hlc) -> Self {
+        Pipeline {
+            queue: VecDeque::new(),
+            builder: Builder::default(),
+            window: VecDeque::new(),
+            tasks: tokio::task::JoinSet::new(),
+            keys: HashMap::new(),
+            in_flight: 0,
+            exclusive: false,
+            next_seq: 0,
+            planned_through: advanced_to,
+            hlc: floor,
+            expect_skip: 0,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.queue.is_empty() && self.window.is_empty() && self.builder.is_empty()
+    }
+
+    fn can_dispatch_front(&self, max_in_flight: usize) -> bool {
+        match self.queue.front() {
+            Some(Step::Batch(b)) => self.can_dispatch(b, max_in_flight),
+            Some(Step::Probe { .. }) => self.in_flight == 0,
+            None => false,
+        }
+    }
+
+    fn can_dispatch(&self, b: &OutBatch, max_in_flight: usize) -> bool {
+        if b.rows == 0 {
+            return true;
+        }
+        if self.exclusive {
+            return false;
+        }
+        if !b.concurrent {
+            return self.in_flight == 0;
+        }
+        self.in_flight < max_in_flight && b.keys.iter().all(|k| !self.keys.contains_key(k))
+    }
+}
+
+/// Cuts transactions into batches: whole transactions per batch while they
+/// fit, a transaction larger than a batch across several.
+fn fill(
+    p: &mut Pipeline,
+    items: Vec<Item>,
+    flush_rows: usize,
+    flush_bytes: usize,
+    hold_tail: bool,
+) {
+    for item in items {
+        match item {
+            Item::Txn(t) => {
+                let b = &mut p.builder;
+                if !t.lines.is_empty() {
+                    let fits = t.lines.len() <= flush_rows && t.buf.len() <= flush_bytes;
+                    if b.rows > 0
+                        && (b.rows + t.lines.len() > flush_rows
+                            || b.bytes() + t.buf.len() > flush_bytes)
+                    {
+                        let out = b.finish(true);
+                        p.queue.push_back(Step::Batch(out));
+                    }
+                    for l in &t.lines {
+                        let b = &mut p.builder;
+                        let len = l.end - l.start;
+                        if b.rows > 0 && (b.rows >= flush_rows || b.bytes() + len + 1 > flush_bytes)
+                        {
+                            let out = b.finish(false);
+                            p.queue.push_back(Step::Batch(out));
+                        }
+                        let b = &mut p.builder;
+                        if !fits {
+                            b.split = true;
+                        }
+                        b.push(&t.buf[l.start..l.end], l.key_hash, &l.table);
+                        b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
+                    }
+                }
+                let b = &mut p.builder;
+                b.boundary = Some((t.end_lsn, t.hlc));
+                b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
+            }
+            Item::Probe { lsn, content } => {
+                if !p.builder.is_empty() {
+                    let out = p.builder.finish(false);
+                    p.queue.push_back(Step::Batch(out));
+                }
+                p.queue.push_back(Step::Probe { lsn, content });
+            }
+        }
+    }
+    if !hold_tail && !p.builder.is_empty() {
+        let out = p.builder.finish(false);
+        p.queue.push_back(Step::Batch(out));
+    }
+}
+
+fn key_hash(table: &TableInfo, key: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    table.schema.hash(&mut h);
+    table.name.hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
 }
 
 struct Probe {
@@ -372,6 +620,7 @@ struct Feed {
     want_advance: u64,
     pending_since: Option<Instant>,
     last_slot_lag: Instant,
+    last_advance_at: Instant,
 }
 
 fn now_nanos() -> i64 {
@@ -441,6 +690,7 @@ impl Feed {
             want_advance: 0,
             pending_since: None,
             last_slot_lag: Instant::now() - Duration::from_secs(3600),
+            last_advance_at: Instant::now(),
         }
     }
 
@@ -611,6 +861,12 @@ impl Feed {
     }
 
     /// Polls, sends and advances until shutdown (Ok) or a source error (Err).
+    ///
+    /// Peeking, sending and advancing overlap: while batches are in flight
+    /// the next peek already runs (skipping what was planned), full batches
+    /// of whole transactions go out concurrently when their keys are not in
+    /// flight, and the slot only moves past a transaction once every batch up
+    /// to it was acknowledged.
     async fn stream(
         &mut self,
         db: &tokio_postgres::Client,
@@ -623,68 +879,154 @@ impl Feed {
             )
             .await?;
         let pubs = quote_ident(&self.publication);
-        let mut limit: Option<i32> = Some(self.opts.poll_changes);
+        let mut p = Pipeline::new(self.advanced_to, self.floor);
+        let mut read_whole = false;
+        let mut idle = true;
+        let mut last_found = false;
+        let max_in_flight = self.opts.max_in_flight.max(1);
         loop {
             if *shutdown.borrow() {
+                self.maybe_advance(db, &p, true).await?;
                 return Ok(());
             }
-            let t0 = Instant::now();
-            let rows = db.query(&peek, &[&self.slot, &limit, &pubs]).await?;
-            let t_peek = t0.elapsed();
-            let nmsgs = rows.len();
-            let truncated = limit.is_some_and(|l| nmsgs >= l as usize);
-            let (items, incomplete) = self.decode(db, &rows).await?;
-            drop(rows);
-            let t_decode = t0.elapsed() - t_peek;
-            if items.is_empty() && incomplete {
-                // One transaction larger than the limit: read it whole.
-                limit = None;
-                continue;
-            }
-            limit = Some(self.opts.poll_changes);
-            let plan = self.plan(items);
-            let (nrows, nbytes, has_probe) = plan.iter().fold((0, 0, false), |acc, p| match p {
-                Planned::Txn(t) => (
-                    acc.0 + t.lines.len(),
-                    acc.1 + t.lines.iter().map(|l| l.0.len() + 1).sum::<usize>(),
-                    acc.2,
-                ),
-                Planned::Probe { .. } => (acc.0, acc.1, true),
-            });
-            let busy = nrows > 0;
-            let due = !busy
-                || self.opts.flush_frequency.is_zero()
-                || truncated
-                || has_probe
-                || nrows >= self.opts.flush_rows
-                || nbytes >= self.opts.flush_bytes
-                || self
-                    .pending_since
-                    .is_some_and(|t| t.elapsed() >= self.opts.flush_frequency);
-            if due {
-                let t1 = Instant::now();
-                if !self.deliver(db, plan, shutdown).await? {
+            // Acknowledgements.
+            while let Some(done) = p.tasks.try_join_next() {
+                if !self.sent(&mut p, done)? {
                     return Ok(());
                 }
-                if busy {
-                    tracing::debug!(
-                        messages = nmsgs,
-                        rows = nrows,
-                        bytes = nbytes,
-                        "peeked in {t_peek:?}, decoded in {t_decode:?}, delivered in {:?}",
-                        t1.elapsed()
+            }
+            self.take_acknowledged(&mut p);
+
+            // Resolved checkpoints need everything before them acknowledged:
+            // when one is due, let the window drain first.
+            let mut resolved_due = self.resolved_due();
+            if p.in_flight == 0 && (resolved_due || p.idle()) {
+                self.maybe_advance(db, &p, p.idle()).await?;
+                if !self.maybe_resolved(db, idle && p.idle(), shutdown).await? {
+                    return Ok(());
+                }
+                resolved_due = self.resolved_due();
+            }
+
+            // Dispatch what may go now.
+            let mut probe_reached = false;
+            while !resolved_due {
+                match p.queue.front() {
+                    Some(Step::Batch(b)) if p.can_dispatch(b, max_in_flight) => {
+                        let Some(Step::Batch(b)) = p.queue.pop_front() else {
+                            unreachable!()
+                        };
+                        self.dispatch(&mut p, b, shutdown);
+                    }
+                    Some(Step::Probe { .. }) if p.in_flight == 0 => {
+                        self.take_acknowledged(&mut p);
+                        let Some(Step::Probe { lsn, content }) = p.queue.pop_front() else {
+                            unreachable!()
+                        };
+                        self.acknowledge(db, Some((lsn, self.floor)), true).await?;
+                        if self.probe.as_ref().is_some_and(|pr| pr.content == content) {
+                            let pr = self.probe.take().unwrap();
+                            let at = pr.at.max(self.floor);
+                            self.floor = at;
+                            self.reached = Some(at);
+                            // What followed the probe is read again, above its time.
+                            probe_reached = true;
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            if probe_reached {
+                p.queue.clear();
+                p.builder = Builder::default();
+                p.planned_through = self.advanced_to;
+                p.hlc = self.floor;
+                p.expect_skip = 0;
+                continue;
+            }
+            self.maybe_advance(db, &p, false).await?;
+
+            // Peek when the queue is drained and at most one batch is in
+            // flight (a peek re-reads what is in flight and not advanced past).
+            let mut found = false;
+            if p.queue.is_empty()
+                && (p.in_flight == 0 || p.in_flight == 1 && last_found)
+                && !resolved_due
+            {
+                let limit: Option<i32> = (!read_whole).then(|| {
+                    (self.opts.poll_changes as i64 + p.expect_skip as i64).min(i32::MAX as i64)
+                        as i32
+                });
+                let t0 = Instant::now();
+                let rows = db.query(&peek, &[&self.slot, &limit, &pubs]).await?;
+                let t_peek = t0.elapsed();
+                let nmsgs = rows.len();
+                let truncated = limit.is_some_and(|l| nmsgs >= l as usize);
+                let d = self
+                    .decode(db, &rows, p.planned_through, p.hlc.max(self.floor))
+                    .await?;
+                drop(rows);
+                let t_decode = t0.elapsed() - t_peek;
+                if d.items.is_empty() && d.incomplete {
+                    // One transaction larger than the limit: read it whole.
+                    read_whole = true;
+                    continue;
+                }
+                read_whole = false;
+                let (nrows, nbytes, has_probe) =
+                    d.items.iter().fold((0, 0, false), |acc, i| match i {
+                        Item::Txn(t) => (acc.0 + t.lines.len(), acc.1 + t.buf.len(), acc.2),
+                        Item::Probe { .. } => (acc.0, acc.1, true),
+                    });
+                let busy = nrows > 0;
+                idle = !busy;
+                last_found = busy;
+                let due = !busy
+                    || self.opts.flush_frequency.is_zero()
+                    || truncated
+                    || has_probe
+                    || nrows >= self.opts.flush_rows
+                    || nbytes >= self.opts.flush_bytes
+                    || self
+                        .pending_since
+                        .is_some_and(|t| t.elapsed() >= self.opts.flush_frequency);
+                if due {
+                    if !d.items.is_empty() {
+                        p.planned_through = p.planned_through.max(d.through);
+                        p.hlc = p.hlc.max(d.hlc);
+                    }
+                    p.expect_skip = d.skipped + d.msgs;
+                    fill(
+                        &mut p,
+                        d.items,
+                        self.opts.flush_rows,
+                        self.opts.flush_bytes,
+                        truncated,
                     );
+                    self.pending_since = None;
+                    if busy {
+                        found = true;
+                        tracing::debug!(
+                            messages = nmsgs,
+                            skipped = d.skipped,
+                            rows = nrows,
+                            bytes = nbytes,
+                            in_flight = p.in_flight,
+                            "peeked in {t_peek:?}, decoded in {t_decode:?}"
+                        );
+                    } else if p.window.is_empty() {
+                        self.metrics.lag_seconds.set(0.0);
+                    }
+                } else {
+                    p.expect_skip = d.skipped;
+                    self.pending_since.get_or_insert_with(Instant::now);
                 }
-                self.pending_since = None;
-                if !busy {
-                    self.metrics.lag_seconds.set(0.0);
+                if truncated {
+                    continue;
                 }
-            } else {
-                self.pending_since.get_or_insert_with(Instant::now);
             }
-            if !self.maybe_resolved(db, !busy, shutdown).await? {
-                return Ok(());
-            }
+
             if self.last_slot_lag.elapsed() >= Duration::from_secs(1) {
                 self.last_slot_lag = Instant::now();
                 let lag: Option<i64> = db
@@ -697,38 +1039,309 @@ impl Feed {
                     .and_then(|r| r.get(0));
                 self.metrics.slot_lag_bytes.set(lag.unwrap_or(0));
             }
-            if !(truncated || busy && due) {
+
+            if found && !p.queue.is_empty() && p.can_dispatch_front(max_in_flight) {
+                continue;
+            }
+            // Wait for an acknowledgement, new changes or shutdown.
+            let wait = if found {
+                Duration::ZERO
+            } else {
+                self.opts.poll_interval
+            };
+            if p.in_flight > 0 {
                 tokio::select! {
-                    _ = tokio::time::sleep(self.opts.poll_interval) => {}
+                    done = p.tasks.join_next() => {
+                        if let Some(done) = done {
+                            if !self.sent(&mut p, done)? {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep(wait), if p.queue.is_empty() => {}
+                    _ = shutdown.changed() => {}
+                }
+            } else if !found {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.changed() => {}
                 }
             }
         }
     }
 
-    /// Decodes peeked rows into complete transactions and probes. The second
-    /// value is true when the rows end inside a transaction (left for later).
+    /// A resolved checkpoint is due and would say something new.
+    fn resolved_due(&self) -> bool {
+        self.opts
+            .resolved_interval
+            .filter(|d| !d.is_zero())
+            .is_some_and(|d| self.last_resolved_at.elapsed() >= d)
+            && self.floor.max(self.reached.unwrap_or_default()) > self.last_resolved
+    }
+
+    /// Writes one row's payload entry into its transaction.
+    fn write_row(
+        &self,
+        t: &mut Txn,
+        relid: u32,
+        old: Option<&[Datum]>,
+        new: Option<&[Datum]>,
+        updated: &str,
+        frags: &mut Vec<Option<(usize, usize)>>,
+    ) {
+        let Some(rel) = self.rels.get(&relid) else {
+            return;
+        };
+        let Some(table) = &rel.table else {
+            return;
+        };
+        let buf = &mut t.buf;
+        let start = buf.len();
+        // Where each column's value of the key source (after, else before) is.
+        frags.clear();
+        frags.resize(rel.columns.len(), None);
+        let key_from_new = new.is_some();
+        let mut write_tuple =
+            |buf: &mut Vec<u8>, tuple: &[Datum], fallback: Option<&[Datum]>, record: bool| {
+                buf.push(b'{');
+                let mut first = true;
+                for (i, col) in rel.columns.iter().enumerate() {
+                    let d = tuple.get(i).unwrap_or(&Datum::Null);
+                    let d = match d {
+                        Datum::Unchanged => match fallback.and_then(|f| f.get(i)) {
+                            Some(d @ Datum::Text(_)) | Some(d @ Datum::Null) => d,
+                            _ => {
+                                tracing::warn!(
+                                    table = %table.name, column = %col.name,
+                                    "unchanged TOAST value without the old row; column left out"
+                                );
+                                continue;
+                            }
+                        },
+                        d => d,
+                    };
+                    if !first {
+                        buf.push(b',');
+                    }
+                    first = false;
+                    buf.extend_from_slice(&rel.name_json[i]);
+                    let vstart = buf.len();
+                    match d {
+                        Datum::Text(s) => values::write_json(buf, col.type_oid, s),
+                        _ => buf.extend_from_slice(b"null"),
+                    }
+                    if record {
+                        frags[i] = Some((vstart, buf.len()));
+                    }
+                }
+                buf.push(b'}');
+            };
+        buf.extend_from_slice(b"{\"after\":");
+        match new {
+            Some(n) => write_tuple(buf, n, old, true),
+            None => buf.extend_from_slice(b"null"),
+        }
+        buf.extend_from_slice(b",\"before\":");
+        match old {
+            Some(o) => write_tuple(buf, o, None, !key_from_new),
+            None => buf.extend_from_slice(b"null"),
+        }
+        buf.extend_from_slice(b",\"key\":[");
+        let key_start = buf.len();
+        for (n, &i) in rel.key_idx.iter().enumerate() {
+            if n > 0 {
+                buf.push(b',');
+            }
+            match frags[i] {
+                Some((a, b)) => buf.extend_from_within(a..b),
+                None => buf.extend_from_slice(b"null"),
+            }
+        }
+        let key_hash = key_hash(table, &buf[key_start..]);
+        buf.extend_from_slice(b"],\"topic\":");
+        buf.extend_from_slice(&rel.topic_json);
+        buf.extend_from_slice(b",\"updated\":\"");
+        buf.extend_from_slice(updated.as_bytes());
+        buf.extend_from_slice(b"\"}");
+        t.lines.push(Line {
+            start,
+            end: buf.len(),
+            key_hash,
+            table: table.clone(),
+        });
+    }
+
+    /// Starts sending `b` (or records it as acknowledged when it has no rows).
+    fn dispatch(&mut self, p: &mut Pipeline, b: OutBatch, shutdown: &watch::Receiver<bool>) {
+        let seq = p.next_seq;
+        p.next_seq += 1;
+        let exclusive = !b.concurrent;
+        if b.rows > 0 {
+            for k in &b.keys {
+                *p.keys.entry(*k).or_default() += 1;
+            }
+            p.in_flight += 1;
+            p.exclusive |= exclusive;
+            let sink = self.sink.clone();
+            let mut sd = shutdown.clone();
+            let body = b.body;
+            p.tasks
+                .spawn(async move { (seq, sink.send(body, &mut sd).await) });
+        }
+        p.window.push_back(Flight {
+            seq,
+            done: b.rows == 0,
+            exclusive: exclusive && b.rows > 0,
+            keys: b.keys,
+            boundary: b.boundary,
+            counts: b.counts,
+            newest_commit_micros: b.newest_commit_micros,
+        });
+    }
+
+    /// Records one finished send. False on shutdown.
+    fn sent(
+        &mut self,
+        p: &mut Pipeline,
+        done: std::result::Result<(u64, Result<(), SendError>), tokio::task::JoinError>,
+    ) -> Result<bool> {
+        let (seq, result) = done.context("sending task")?;
+        match result {
+            Ok(()) => {}
+            Err(SendError::Shutdown) => return Ok(false),
+        }
+        let f = p
+            .window
+            .iter_mut()
+            .find(|f| f.seq == seq)
+            .context("acknowledged batch not in flight")?;
+        f.done = true;
+        p.in_flight -= 1;
+        if f.exclusive {
+            p.exclusive = false;
+        }
+        for k in &f.keys {
+            if let Some(n) = p.keys.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    p.keys.remove(k);
+                }
+            }
+        }
+        self.metrics.batches_sent.inc();
+        for ((schema, table), n) in &f.counts {
+            self.metrics
+                .rows_sent
+                .with_label_values(&[schema, table])
+                .inc_by(*n);
+        }
+        let newest = micros_to_hlc(f.newest_commit_micros);
+        self.metrics
+            .lag_seconds
+            .set(((now_nanos() - newest.nanos) as f64 / 1e9).max(0.0));
+        Ok(true)
+    }
+
+    /// Moves the acknowledged point past the leading batches that are done.
+    fn take_acknowledged(&mut self, p: &mut Pipeline) {
+        while p.window.front().is_some_and(|f| f.done) {
+            let f = p.window.pop_front().unwrap();
+            if let Some((lsn, hlc)) = f.boundary {
+                self.floor = self.floor.max(hlc);
+                self.pending_advance(lsn);
+            }
+        }
+    }
+
+    /// Advances the slot to the acknowledged point when forced, when the
+    /// pipeline is empty, or at most every 100 ms while busy (every advance
+    /// decodes the WAL it skips, and peeks re-read what was not advanced past).
+    async fn maybe_advance(
+        &mut self,
+        db: &tokio_postgres::Client,
+        p: &Pipeline,
+        force: bool,
+    ) -> Result<()> {
+        if self.want_advance > self.advanced_to
+            && (force || p.idle() || self.last_advance_at.elapsed() >= Duration::from_millis(100))
+        {
+            self.acknowledge(db, None, true).await?;
+            self.last_advance_at = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Decodes peeked rows into complete transactions and probes committed
+    /// after `skip_through`, writing each row's payload entry with its
+    /// transaction's `updated` (strictly above `hlc`).
     async fn decode(
         &mut self,
         db: &tokio_postgres::Client,
         rows: &[tokio_postgres::Row],
-    ) -> Result<(Vec<Item>, bool)> {
-        let mut items = Vec::new();
+        skip_through: u64,
+        mut hlc: Hlc,
+    ) -> Result<Decoded> {
+        let mut d = Decoded {
+            items: Vec::new(),
+            incomplete: false,
+            skipped: 0,
+            msgs: 0,
+            through: 0,
+            hlc,
+        };
+        // The open transaction: None when skipped.
         let mut cur: Option<Txn> = None;
+        let mut in_txn = false;
+        let mut skipping = false;
+        let mut updated = String::new();
+        let mut scratch: Vec<Option<(usize, usize)>> = Vec::new();
+        let mut cur_lsn = 0;
         for row in rows {
             let data: &[u8] = row.get(0);
-            match pgoutput::decode(data)? {
-                Message::Begin { commit_micros, .. } => {
+            let msg = pgoutput::decode(data)?;
+            if let Message::Begin { final_lsn, .. } = &msg {
+                skipping = *final_lsn <= skip_through;
+            }
+            if skipping {
+                d.skipped += 1;
+            } else {
+                d.msgs += 1;
+            }
+            match msg {
+                Message::Begin {
+                    final_lsn,
+                    commit_micros,
+                    ..
+                } => {
+                    in_txn = true;
+                    cur = None;
+                    if skipping {
+                        continue;
+                    }
+                    cur_lsn = final_lsn;
+                    let txn_hlc = micros_to_hlc(commit_micros).max(next(hlc));
+                    updated.clear();
+                    updated.push_str(&txn_hlc.to_string());
                     cur = Some(Txn {
-                        commit_micros,
                         end_lsn: 0,
-                        changes: Vec::new(),
+                        hlc: txn_hlc,
+                        commit_micros,
+                        buf: Vec::new(),
+                        lines: Vec::new(),
                     })
                 }
                 Message::Commit { end_lsn, .. } => {
+                    in_txn = false;
+                    skipping = false;
                     if let Some(mut t) = cur.take() {
+                        d.through = cur_lsn;
                         t.end_lsn = end_lsn;
-                        items.push(Item::Txn(t));
+                        if t.lines.is_empty() {
+                            t.hlc = hlc;
+                        } else {
+                            hlc = t.hlc;
+                        }
+                        d.items.push(Item::Txn(t));
                     }
                 }
                 Message::Relation {
@@ -756,36 +1369,58 @@ impl Feed {
                             key_idx = (0..columns.len()).collect();
                         }
                     }
+                    let name_json = columns
+                        .iter()
+                        .map(|c| {
+                            let mut v = Vec::new();
+                            values::write_str(&mut v, &c.name);
+                            v.push(b':');
+                            v
+                        })
+                        .collect();
+                    let topic_json = table.as_ref().map(|t| {
+                        let mut v = Vec::new();
+                        values::write_str(&mut v, &t.name);
+                        v
+                    });
                     self.rels.insert(
                         relid,
                         Rel {
                             table,
                             columns,
                             key_idx,
+                            name_json,
+                            topic_json: topic_json.unwrap_or_default(),
                         },
                     );
                 }
                 Message::Insert { relid, new } => {
-                    if let (Some(t), Some(c)) = (cur.as_mut(), self.change(relid, None, Some(new)))
-                    {
-                        t.changes.push(c);
+                    if let Some(t) = cur.as_mut() {
+                        self.write_row(t, relid, None, Some(&new), &updated, &mut scratch);
                     }
                 }
                 Message::Update { relid, old, new } => {
-                    if let (Some(t), Some(c)) = (cur.as_mut(), self.change(relid, old, Some(new))) {
-                        t.changes.push(c);
+                    if let Some(t) = cur.as_mut() {
+                        self.write_row(
+                            t,
+                            relid,
+                            old.as_deref(),
+                            Some(&new),
+                            &updated,
+                            &mut scratch,
+                        );
                     }
                 }
                 Message::Delete { relid, old } => {
-                    if let (Some(t), Some(c)) = (cur.as_mut(), self.change(relid, Some(old), None))
-                    {
-                        t.changes.push(c);
+                    if let Some(t) = cur.as_mut() {
+                        self.write_row(t, relid, Some(&old), None, &updated, &mut scratch);
                     }
                 }
                 Message::Truncate { relids }
-                    if relids
-                        .iter()
-                        .any(|r| self.rels.get(r).is_some_and(|r| r.table.is_some())) =>
+                    if !skipping
+                        && relids
+                            .iter()
+                            .any(|r| self.rels.get(r).is_some_and(|r| r.table.is_some())) =>
                 {
                     tracing::warn!(
                         "TRUNCATE of a replicated table is not sent (changefeeds have no truncate)"
@@ -796,14 +1431,21 @@ impl Feed {
                     lsn,
                     prefix,
                     content,
-                } if prefix == self.probe_prefix => items.push(Item::Probe {
-                    lsn,
-                    content: String::from_utf8_lossy(&content).into_owned(),
-                }),
+                } if prefix == self.probe_prefix => {
+                    if lsn > skip_through {
+                        d.through = d.through.max(lsn);
+                        d.items.push(Item::Probe {
+                            lsn,
+                            content: String::from_utf8_lossy(&content).into_owned(),
+                        });
+                    }
+                }
                 _ => {}
             }
         }
-        Ok((items, cur.is_some()))
+        d.incomplete = in_txn;
+        d.hlc = hlc;
+        Ok(d)
     }
 
     async fn primary_key(
@@ -826,138 +1468,6 @@ impl Feed {
         let pk: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         self.pk_cache.insert(relid, pk.clone());
         Ok(pk)
-    }
-
-    fn change(
-        &self,
-        relid: u32,
-        old: Option<Vec<Datum>>,
-        new: Option<Vec<Datum>>,
-    ) -> Option<Change> {
-        let rel = self.rels.get(&relid)?;
-        let table = rel.table.clone()?;
-        let to_map = |tuple: &[Datum], fallback: Option<&[Datum]>| -> Map<String, Value> {
-            let mut m = Map::with_capacity(rel.columns.len());
-            for (i, col) in rel.columns.iter().enumerate() {
-                let d = tuple.get(i).unwrap_or(&Datum::Null);
-                let d = match d {
-                    Datum::Unchanged => match fallback.and_then(|f| f.get(i)) {
-                        Some(d @ Datum::Text(_)) | Some(d @ Datum::Null) => d,
-                        _ => {
-                            tracing::warn!(
-                                table = %table.name, column = %col.name,
-                                "unchanged TOAST value without the old row; column left out"
-                            );
-                            continue;
-                        }
-                    },
-                    d => d,
-                };
-                let v = match d {
-                    Datum::Text(s) => values::text_to_json(col.type_oid, s),
-                    _ => Value::Null,
-                };
-                m.insert(col.name.clone(), v);
-            }
-            m
-        };
-        let before = old.as_deref().map(|o| to_map(o, None));
-        let after = new.as_deref().map(|n| to_map(n, old.as_deref()));
-        let src = after.as_ref().or(before.as_ref())?;
-        let key = rel
-            .key_idx
-            .iter()
-            .map(|&i| {
-                src.get(&rel.columns[i].name)
-                    .cloned()
-                    .unwrap_or(Value::Null)
-            })
-            .collect();
-        Some(Change {
-            table,
-            after,
-            before,
-            key,
-        })
-    }
-
-    /// Gives each transaction its `updated` (strictly above everything sent)
-    /// and serializes its payload lines.
-    fn plan(&self, items: Vec<Item>) -> Vec<Planned> {
-        let mut hlc = self.floor;
-        items
-            .into_iter()
-            .map(|item| match item {
-                Item::Probe { lsn, content } => Planned::Probe { lsn, content },
-                Item::Txn(t) => {
-                    let mut lines = Vec::with_capacity(t.changes.len());
-                    if !t.changes.is_empty() {
-                        hlc = micros_to_hlc(t.commit_micros).max(next(hlc));
-                        for c in t.changes {
-                            lines.push((payload_line(&c, hlc), c.table));
-                        }
-                    }
-                    Planned::Txn(PlannedTxn {
-                        end_lsn: t.end_lsn,
-                        hlc,
-                        commit_micros: t.commit_micros,
-                        lines,
-                    })
-                }
-            })
-            .collect()
-    }
-
-    /// Sends the planned transactions in batches and advances the slot past
-    /// what was acknowledged. Stops at a probe of ours (the rest is read again
-    /// with the probe's time as the floor). False on shutdown.
-    async fn deliver(
-        &mut self,
-        db: &tokio_postgres::Client,
-        plan: Vec<Planned>,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<bool> {
-        let mut batch = Batch::default();
-        // The newest transaction whose lines are all in `batch` or sent.
-        let mut boundary: Option<(u64, Hlc)> = None;
-        for p in plan {
-            match p {
-                Planned::Txn(t) => {
-                    for (line, table) in t.lines {
-                        if !batch.lines.is_empty()
-                            && (batch.lines.len() >= self.opts.flush_rows
-                                || batch.bytes + line.len() + 1 > self.opts.flush_bytes)
-                        {
-                            if !self.send_batch(&mut batch, shutdown).await? {
-                                return Ok(false);
-                            }
-                            self.acknowledge(db, boundary.take(), false).await?;
-                        }
-                        batch.push(line, table, t.commit_micros);
-                    }
-                    boundary = Some((t.end_lsn, t.hlc));
-                }
-                Planned::Probe { lsn, content } => {
-                    if !self.send_batch(&mut batch, shutdown).await? {
-                        return Ok(false);
-                    }
-                    self.acknowledge(db, boundary.take(), false).await?;
-                    self.acknowledge(db, Some((lsn, self.floor)), true).await?;
-                    if self.probe.as_ref().is_some_and(|p| p.content == content) {
-                        let p = self.probe.take().unwrap();
-                        let at = p.at.max(self.floor);
-                        self.floor = at;
-                        self.reached = Some(at);
-                        return Ok(true);
-                    }
-                }
-            }
-        }
-        if !self.send_batch(&mut batch, shutdown).await? {
-            return Ok(false);
-        }
-        self.acknowledge(db, boundary.take(), true).await?;
-        Ok(true)
     }
 
     /// Records that everything through `boundary` was acknowledged; with
@@ -988,42 +1498,6 @@ impl Feed {
 
     fn pending_advance(&mut self, lsn: u64) {
         self.want_advance = self.want_advance.max(lsn);
-    }
-
-    async fn send_batch(
-        &mut self,
-        batch: &mut Batch,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<bool> {
-        if batch.lines.is_empty() {
-            return Ok(true);
-        }
-        let b = std::mem::take(batch);
-        let mut body = String::with_capacity(b.bytes + 32);
-        body.push_str("{\"payload\":[");
-        for (i, l) in b.lines.iter().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            body.push_str(l);
-        }
-        body.push_str(&format!("],\"length\":{}}}", b.lines.len()));
-        match self.sink.send(body, shutdown).await {
-            Ok(()) => {}
-            Err(SendError::Shutdown) => return Ok(false),
-        }
-        self.metrics.batches_sent.inc();
-        for ((schema, table), n) in &b.counts {
-            self.metrics
-                .rows_sent
-                .with_label_values(&[schema, table])
-                .inc_by(*n);
-        }
-        let newest = micros_to_hlc(b.newest_commit_micros);
-        self.metrics
-            .lag_seconds
-            .set(((now_nanos() - newest.nanos) as f64 / 1e9).max(0.0));
-        Ok(true)
     }
 
     /// Sends a resolved checkpoint when one is due; emits probes when idle.
@@ -1098,45 +1572,6 @@ impl Feed {
         });
         self.last_probe_at = Instant::now();
         Ok(())
-    }
-}
-
-#[derive(Default)]
-struct Batch {
-    lines: Vec<String>,
-    bytes: usize,
-    counts: HashMap<(Arc<str>, Arc<str>), u64>,
-    newest_commit_micros: i64,
-}
-
-impl Batch {
-    fn push(&mut self, line: String, table: TableInfo, commit_micros: i64) {
-        self.bytes += line.len() + 1;
-        self.lines.push(line);
-        *self.counts.entry((table.schema, table.name)).or_default() += 1;
-        self.newest_commit_micros = self.newest_commit_micros.max(commit_micros);
-    }
-}
-
-/// One payload entry: `{"after":…,"before":…,"key":[…],"topic":"t","updated":"…"}`.
-fn payload_line(c: &Change, updated: Hlc) -> String {
-    let mut s = String::with_capacity(256);
-    s.push_str("{\"after\":");
-    push_json(&mut s, c.after.as_ref());
-    s.push_str(",\"before\":");
-    push_json(&mut s, c.before.as_ref());
-    s.push_str(",\"key\":");
-    s.push_str(&serde_json::to_string(&c.key).expect("JSON values serialize"));
-    s.push_str(",\"topic\":");
-    s.push_str(&serde_json::to_string(&*c.table.name).expect("strings serialize"));
-    s.push_str(&format!(",\"updated\":\"{updated}\"}}"));
-    s
-}
-
-fn push_json(s: &mut String, m: Option<&Map<String, Value>>) {
-    match m {
-        Some(m) => s.push_str(&serde_json::to_string(m).expect("JSON values serialize")),
-        None => s.push_str("null"),
     }
 }
 

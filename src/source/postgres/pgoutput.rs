@@ -2,6 +2,8 @@
 //! `pg_logical_slot_peek_binary_changes`: one message per row.
 //! See "Logical Replication Message Formats" in the PostgreSQL manual.
 
+use std::borrow::Cow;
+
 use anyhow::{bail, Context, Result};
 
 /// One column of a relation.
@@ -11,18 +13,19 @@ pub struct Column {
     pub type_oid: u32,
 }
 
-/// One column value in a tuple.
+/// One column value in a tuple, borrowing the message's bytes when they are
+/// valid UTF-8 (they always are from a UTF-8 database).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Datum {
+pub enum Datum<'a> {
     Null,
     /// An unchanged TOASTed value that was not sent.
     Unchanged,
-    Text(String),
+    Text(Cow<'a, str>),
 }
 
 /// A decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Message {
+pub enum Message<'a> {
     Begin {
         final_lsn: u64,
         /// Commit time, microseconds since 2000-01-01 UTC.
@@ -42,16 +45,16 @@ pub enum Message {
     },
     Insert {
         relid: u32,
-        new: Vec<Datum>,
+        new: Vec<Datum<'a>>,
     },
     Update {
         relid: u32,
-        old: Option<Vec<Datum>>,
-        new: Vec<Datum>,
+        old: Option<Vec<Datum<'a>>>,
+        new: Vec<Datum<'a>>,
     },
     Delete {
         relid: u32,
-        old: Vec<Datum>,
+        old: Vec<Datum<'a>>,
     },
     Truncate {
         relids: Vec<u32>,
@@ -112,7 +115,7 @@ impl<'a> Reader<'a> {
         self.pos += end + 1;
         Ok(s)
     }
-    fn tuple(&mut self) -> Result<Vec<Datum>> {
+    fn tuple(&mut self) -> Result<Vec<Datum<'a>>> {
         let n = self.i16()?;
         let mut out = Vec::with_capacity(n.max(0) as usize);
         for _ in 0..n {
@@ -122,7 +125,7 @@ impl<'a> Reader<'a> {
                 b't' | b'b' => {
                     let len = self.i32()?;
                     let bytes = self.take(len.max(0) as usize)?;
-                    Datum::Text(String::from_utf8_lossy(bytes).into_owned())
+                    Datum::Text(String::from_utf8_lossy(bytes))
                 }
                 k => bail!("unknown tuple column kind {:?}", k as char),
             });
@@ -132,7 +135,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes one pgoutput message.
-pub fn decode(buf: &[u8]) -> Result<Message> {
+pub fn decode(buf: &[u8]) -> Result<Message<'_>> {
     let mut r = Reader { buf, pos: 0 };
     let tag = r.u8()?;
     Ok(match tag {

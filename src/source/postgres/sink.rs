@@ -29,6 +29,7 @@ pub enum SendError {
     Shutdown,
 }
 
+#[derive(Clone)]
 pub struct Sink {
     client: reqwest::Client,
     url: reqwest::Url,
@@ -93,9 +94,18 @@ impl Sink {
     /// Sends `body` until the sink answers 2xx, or until shutdown.
     pub async fn send(
         &self,
-        body: String,
+        body: impl Into<reqwest::Body>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), SendError> {
+        // An in-memory body: each attempt clones the request, sharing the bytes.
+        let mut template = self
+            .client
+            .post(self.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(t) = &self.auth {
+            template = template.bearer_auth(t);
+        }
         let mut delay = self.retry_initial;
         let mut attempt = 0u32;
         loop {
@@ -107,14 +117,9 @@ impl Sink {
             }
             attempt += 1;
             let started = Instant::now();
-            let mut req = self
-                .client
-                .post(self.url.clone())
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
-            if let Some(t) = &self.auth {
-                req = req.bearer_auth(t);
-            }
+            let req = template
+                .try_clone()
+                .expect("in-memory request bodies clone");
             let result = tokio::select! {
                 r = req.send() => r,
                 _ = shutdown.changed() => return Err(SendError::Shutdown),
