@@ -25,7 +25,10 @@ CREATE TABLE cdc_sink_dlq (event UUID DEFAULT gen_random_uuid() PRIMARY KEY, dlq
   source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL);";
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn ts(pass: usize) -> String {
@@ -49,19 +52,33 @@ fn body(start: usize, n: usize, pass: usize) -> String {
 
 async fn meridian_pass(base: &str, rows: usize, batch: usize, conc: usize, pass: usize) -> f64 {
     let http = reqwest::Client::new();
-    let bodies: Vec<String> = (0..rows).step_by(batch).map(|s| body(s, batch.min(rows - s), pass)).collect();
+    let bodies: Vec<String> = (0..rows)
+        .step_by(batch)
+        .map(|s| body(s, batch.min(rows - s), pass))
+        .collect();
     let started = Instant::now();
     let results: Vec<u16> = stream::iter(bodies)
         .map(|b| {
             let http = http.clone();
             let url = format!("{base}/kv/public");
-            async move { http.post(url).body(b).send().await.unwrap().status().as_u16() }
+            async move {
+                http.post(url)
+                    .body(b)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
         })
         .buffer_unordered(conc)
         .collect()
         .await;
     let secs = started.elapsed().as_secs_f64();
-    assert!(results.iter().all(|&s| s == 200), "meridian answered {results:?}");
+    assert!(
+        results.iter().all(|&s| s == 200),
+        "meridian answered {results:?}"
+    );
     rows as f64 / secs
 }
 
@@ -85,7 +102,10 @@ async fn baseline_pass(url: &str, rows: usize, batch: usize, conc: usize, pass: 
             async move {
                 let n = batch.min(rows - s);
                 let ks: Vec<i64> = (s..s + n).map(|k| k as i64).collect();
-                let vs: Vec<Vec<u8>> = ks.iter().map(|k| ((*k as u64) * 31 + pass as u64).to_be_bytes().to_vec()).collect();
+                let vs: Vec<Vec<u8>> = ks
+                    .iter()
+                    .map(|k| ((*k as u64) * 31 + pass as u64).to_be_bytes().to_vec())
+                    .collect();
                 let src: Vec<&str> = vec!["east"; n];
                 let tss = vec![when; n];
                 let tx = c.execute(sql, &[&ks, &vs, &src, &tss]).await.unwrap();

@@ -71,7 +71,15 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", ".", "abc", "1.x", "-1.0", "1.", "99999999999999999999.0"] {
+        for bad in [
+            "",
+            ".",
+            "abc",
+            "1.x",
+            "-1.0",
+            "1.",
+            "99999999999999999999.0",
+        ] {
             assert!(bad.parse::<Hlc>().is_err(), "{bad:?} should not parse");
         }
     }

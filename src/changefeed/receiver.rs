@@ -247,7 +247,12 @@ impl Receiver {
         let mut all = Vec::with_capacity(tables.len());
         for (name, muts) in tables {
             let schema = self.target.schemas.get(&*tx, name).await?;
-            let cfg = self.script.config().table(name).cloned().unwrap_or_default();
+            let cfg = self
+                .script
+                .config()
+                .table(name)
+                .cloned()
+                .unwrap_or_default();
             let mut stats = TableStats::default();
             let muts = fold_duplicates(&schema, muts.clone())?;
             let muts = apply_deadlines(&schema, &cfg, muts, &mut stats)?;
@@ -342,8 +347,10 @@ impl Receiver {
                 delete_conflicts.extend(unknown);
                 if !known.is_empty() {
                     let keys = select_rows(&keys, &known);
-                    let befores: Vec<(usize, Option<&Document>)> =
-                        known.iter().map(|&i| (i, del_muts[i].before.row())).collect();
+                    let befores: Vec<(usize, Option<&Document>)> = known
+                        .iter()
+                        .map(|&i| (i, del_muts[i].before.row()))
+                        .collect();
                     let (cas_values, _) = batch_for_columns(schema, &befores, &cas)?;
                     let lost = apply::delete(tx, schema, &keys, &cas, &cas_values).await?;
                     stats.deletes += (known.len() - lost.len()) as u64;
@@ -467,10 +474,21 @@ impl Receiver {
                 (Some(MergeKind::Standard { has_fallback: true }), ThreeWay::Unmerged(cols)) => {
                     for_script.push((loser.ord, conflict(cols)))
                 }
-                (Some(MergeKind::Standard { has_fallback: false }), ThreeWay::Unmerged(cols)) => {
+                (
+                    Some(MergeKind::Standard {
+                        has_fallback: false,
+                    }),
+                    ThreeWay::Unmerged(cols),
+                ) => {
                     let key = schema
                         .pk_columns()
-                        .map(|c| stored.get(&c.name).cloned().unwrap_or(Value::Null).to_string())
+                        .map(|c| {
+                            stored
+                                .get(&c.name)
+                                .cloned()
+                                .unwrap_or(Value::Null)
+                                .to_string()
+                        })
                         .collect::<Vec<_>>()
                         .join(", ");
                     return Err(TargetError::Unmerged {
@@ -537,7 +555,9 @@ fn schema_may_be_stale(e: &ReceiveError) -> bool {
     match e {
         ReceiveError::Target(TargetError::UnknownColumn { .. })
         | ReceiveError::Target(TargetError::UnknownTable(_)) => true,
-        ReceiveError::Target(t) => matches!(t.code(), Some("42703") | Some("42P01") | Some("0A000")),
+        ReceiveError::Target(t) => {
+            matches!(t.code(), Some("42703") | Some("42P01") | Some("0A000"))
+        }
         _ => false,
     }
 }
@@ -592,14 +612,21 @@ fn key_of(schema: &TableSchema, m: &Mutation) -> Result<Vec<Value>, ReceiveError
     }
     Err(TargetError::MissingKey {
         table: schema.name.to_string(),
-        column: schema.pk_columns().next().map(|c| c.name.clone()).unwrap_or_default(),
+        column: schema
+            .pk_columns()
+            .next()
+            .map(|c| c.name.clone())
+            .unwrap_or_default(),
     }
     .into())
 }
 
 /// Several versions of one key in a request fold to the one with the highest
 /// `updated` (then the last), so each key is written once.
-fn fold_duplicates(schema: &TableSchema, muts: Vec<Mutation>) -> Result<Vec<Mutation>, ReceiveError> {
+fn fold_duplicates(
+    schema: &TableSchema,
+    muts: Vec<Mutation>,
+) -> Result<Vec<Mutation>, ReceiveError> {
     if muts.len() < 2 {
         return Ok(muts);
     }
@@ -642,7 +669,8 @@ fn apply_deadlines(
                     column: col.clone(),
                     value: v.to_string(),
                 })?;
-                let limit = now - chrono::Duration::from_std(*within).unwrap_or(chrono::Duration::MAX);
+                let limit =
+                    now - chrono::Duration::from_std(*within).unwrap_or(chrono::Duration::MAX);
                 if ts < limit {
                     stats.deadlined += 1;
                     continue 'rows;

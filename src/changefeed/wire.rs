@@ -89,14 +89,18 @@ pub fn parse_body(body: &[u8]) -> Result<Envelope, ParseError> {
             )))
         }
         Err(e) => {
-            if trimmed.contains(&b'\n') && serde_json::from_slice::<Value>(first_line(trimmed)).is_ok() {
+            if trimmed.contains(&b'\n')
+                && serde_json::from_slice::<Value>(first_line(trimmed)).is_ok()
+            {
                 return parse_ndjson(trimmed);
             }
             return Err(ParseError::json(&e));
         }
     };
     if let Some(resolved) = envelope.resolved {
-        return Ok(Envelope::Resolved(parse_hlc("resolved", &resolved).map_err(ParseError::Envelope)?));
+        return Ok(Envelope::Resolved(
+            parse_hlc("resolved", &resolved).map_err(ParseError::Envelope)?,
+        ));
     }
     let Some(payload) = envelope.payload else {
         return Err(ParseError::Envelope(
@@ -112,7 +116,11 @@ pub fn parse_body(body: &[u8]) -> Result<Envelope, ParseError> {
                     payload.len()
                 )))
             }
-            None => return Err(ParseError::Envelope(format!("\"length\" must be a number, got {length}"))),
+            None => {
+                return Err(ParseError::Envelope(format!(
+                    "\"length\" must be a number, got {length}"
+                )))
+            }
         }
     }
     let mut rows = Vec::with_capacity(payload.len());
@@ -148,7 +156,10 @@ fn parse_ndjson(body: &[u8]) -> Result<Envelope, ParseError> {
             message: e.to_string(),
         })?;
         if let (Some(r), None) = (&row.resolved, &row.updated) {
-            resolved = Some(parse_hlc("resolved", r).map_err(|message| ParseError::Row { index: i, message })?);
+            resolved = Some(
+                parse_hlc("resolved", r)
+                    .map_err(|message| ParseError::Row { index: i, message })?,
+            );
             continue;
         }
         rows.push(to_mutation(row).map_err(|message| ParseError::Row { index: i, message })?);
@@ -162,7 +173,9 @@ fn parse_ndjson(body: &[u8]) -> Result<Envelope, ParseError> {
 fn parse_hlc(field: &str, v: &Value) -> Result<Hlc, String> {
     match v {
         Value::String(s) => s.parse().map_err(|e| format!("\"{field}\": {e}")),
-        other => Err(format!("\"{field}\" must be a string timestamp, got {other}")),
+        other => Err(format!(
+            "\"{field}\" must be a string timestamp, got {other}"
+        )),
     }
 }
 
@@ -170,20 +183,21 @@ fn object(field: &str, v: Value) -> Result<Option<Document>, String> {
     match v {
         Value::Null => Ok(None),
         Value::Object(m) => Ok(Some(m)),
-        other => Err(format!("\"{field}\" must be an object or null, got {other}")),
+        other => Err(format!(
+            "\"{field}\" must be an object or null, got {other}"
+        )),
     }
 }
 
 fn to_mutation(row: RawRow) -> Result<Mutation, String> {
-    let updated = match row.updated {
-        Some(v) => parse_hlc("updated", &v)?,
-        None => {
-            return Err(
+    let updated =
+        match row.updated {
+            Some(v) => parse_hlc("updated", &v)?,
+            None => return Err(
                 "missing \"updated\": create the changefeed WITH updated so rows carry their time"
                     .into(),
-            )
-        }
-    };
+            ),
+        };
     let after = match row.after {
         Some(v) => object("after", v)?,
         None => return Err("missing \"after\" (null for a delete)".into()),
@@ -242,7 +256,8 @@ mod tests {
 
     #[test]
     fn delete_and_absent_before() {
-        let body = br#"{"payload":[{"after":null,"key":[1],"topic":"kv","updated":"5.0"}],"length":1}"#;
+        let body =
+            br#"{"payload":[{"after":null,"key":[1],"topic":"kv","updated":"5.0"}],"length":1}"#;
         let Envelope::Batch(rows) = parse_body(body).unwrap() else {
             panic!()
         };
@@ -255,7 +270,10 @@ mod tests {
         let e = parse_body(b"{\"payload\": [").unwrap_err();
         assert!(matches!(e, ParseError::Json { line: 1, .. }), "{e}");
         let e = parse_body(br#"{"payload":[{"after":{},"topic":"kv"}]}"#).unwrap_err();
-        assert!(e.to_string().contains("payload[0]") && e.to_string().contains("updated"), "{e}");
+        assert!(
+            e.to_string().contains("payload[0]") && e.to_string().contains("updated"),
+            "{e}"
+        );
         let e = parse_body(br#"{"payload":[],"length":3}"#).unwrap_err();
         assert!(e.to_string().contains("length"), "{e}");
         let e = parse_body(br#"[1,2]"#).unwrap_err();

@@ -61,15 +61,16 @@ pub fn prepare(
     docs: &[(usize, &Document)],
     rules: &WriteRules,
 ) -> Result<Vec<TableBatch>, TargetError> {
-    let extras_idx = match &rules.extras {
-        Some(name) => Some(schema.column(name).map(|(i, _)| i).ok_or_else(|| {
-            TargetError::UnknownColumn {
-                table: schema.name.to_string(),
-                column: name.clone(),
-            }
-        })?),
-        None => None,
-    };
+    let extras_idx =
+        match &rules.extras {
+            Some(name) => Some(schema.column(name).map(|(i, _)| i).ok_or_else(|| {
+                TargetError::UnknownColumn {
+                    table: schema.name.to_string(),
+                    column: name.clone(),
+                }
+            })?),
+            None => None,
+        };
     let mut groups: Vec<(Vec<usize>, TableBatch)> = Vec::new();
     let mut by_cols: HashMap<Vec<usize>, usize> = HashMap::new();
     for &(ord, doc) in docs {
@@ -231,7 +232,12 @@ fn tuple(schema: &TableSchema, alias: &str, cols: &[usize]) -> String {
 /// The upsert statement for `batch`'s columns. With `cas`, a row is written
 /// only when no row has its key or its CAS tuple is strictly greater than the
 /// stored one; the statement's row count then tells whether any row lost.
-pub fn upsert_sql(schema: &TableSchema, columns: &[usize], cas: &[usize], rules: &WriteRules) -> String {
+pub fn upsert_sql(
+    schema: &TableSchema,
+    columns: &[usize],
+    cas: &[usize],
+    rules: &WriteRules,
+) -> String {
     let (arrays, select) = unnest_source(schema, columns, rules, "c", 1);
     let names: Vec<String> = columns
         .iter()
@@ -340,8 +346,11 @@ pub async fn upsert(
     rules: &WriteRules,
 ) -> Result<Upserted, TargetError> {
     let sql = upsert_sql(schema, &batch.columns, cas, rules);
-    let values: Vec<&(dyn ToSql + Sync)> =
-        batch.values.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    let values: Vec<&(dyn ToSql + Sync)> = batch
+        .values
+        .iter()
+        .map(|c| c as &(dyn ToSql + Sync))
+        .collect();
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
     let written = tx.execute(&stmt, &values).await.map_err(TargetError::db)?;
     if cas.is_empty() || written as usize == batch.len() {
@@ -405,7 +414,10 @@ pub async fn delete(
             .collect();
         let cas_u = format!(
             "ROW({})",
-            (0..cas.len()).map(|n| format!("u.cas{n}")).collect::<Vec<_>>().join(", ")
+            (0..cas.len())
+                .map(|n| format!("u.cas{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         for col in &cas_values.values {
             p.push(col);
@@ -484,7 +496,11 @@ pub async fn fetch_losers(
         .pk
         .iter()
         .map(|&pi| {
-            let n = keys.columns.iter().position(|&c| c == pi).expect("keys hold the pk");
+            let n = keys
+                .columns
+                .iter()
+                .position(|&c| c == pi)
+                .expect("keys hold the pk");
             let expr = ks[n].rsplit_once(" AS ").map(|(e, _)| e).unwrap_or(&ks[n]);
             format!("cur.{} = {expr}", quote_ident(&schema.columns[pi].name))
         })
@@ -586,14 +602,18 @@ pub async fn write_dlq(
     let logical: Vec<i64> = entries.iter().map(|e| e.source_logical).collect();
     let after: Vec<&Value> = entries.iter().map(|e| &e.data_after).collect();
     let before: Vec<&Value> = entries.iter().map(|e| &e.data_before).collect();
-    let stmt = tx.prepare_cached(&sql).await.map_err(|e| missing_dlq(e, schema, dlq_table))?;
+    let stmt = tx
+        .prepare_cached(&sql)
+        .await
+        .map_err(|e| missing_dlq(e, schema, dlq_table))?;
     tx.execute(&stmt, &[&names, &nanos, &logical, &after, &before])
         .await
         .map_err(|e| missing_dlq(e, schema, dlq_table))
 }
 
 fn missing_dlq(e: tokio_postgres::Error, schema: &str, table: &str) -> TargetError {
-    if e.as_db_error().map(|d| d.code()) == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+    if e.as_db_error().map(|d| d.code()) == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+    {
         TargetError::MissingDlq {
             table: format!("{schema}.{table}"),
             create: dlq_create_sql(schema, table),

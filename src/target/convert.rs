@@ -23,7 +23,10 @@ pub struct ConvertError {
 fn shorten(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 120 {
-        format!("{}…", &s[..s.char_indices().nth(117).map_or(s.len(), |(i, _)| i)])
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(117).map_or(s.len(), |(i, _)| i)]
+        )
     } else {
         s
     }
@@ -172,7 +175,10 @@ mod tests {
     #[test]
     fn errors_name_column_and_value() {
         let e = to_sql_text(&col(Kind::Integer), &json!("abc")).unwrap_err();
-        assert!(e.to_string().contains("\"c\"") && e.to_string().contains("\"abc\""), "{e}");
+        assert!(
+            e.to_string().contains("\"c\"") && e.to_string().contains("\"abc\""),
+            "{e}"
+        );
         assert!(to_sql_text(&col(Kind::Bytea), &json!("\\xzz")).is_err());
         assert!(to_sql_text(&col(Kind::Uuid), &json!("nope")).is_err());
         assert!(to_sql_text(&col(Kind::Bool), &json!(1)).is_err());

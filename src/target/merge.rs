@@ -86,7 +86,10 @@ mod tests {
     #[test]
     fn identical_rows_need_nothing() {
         let stored = doc(json!({"k":1,"v":"\\x01"}));
-        assert_eq!(three_way(None, &stored.clone(), &stored, &[]), ThreeWay::Unchanged);
+        assert_eq!(
+            three_way(None, &stored.clone(), &stored, &[]),
+            ThreeWay::Unchanged
+        );
     }
 
     #[test]

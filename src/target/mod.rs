@@ -20,7 +20,6 @@ use tokio_postgres::error::SqlState;
 pub use apply::{Loser, TableBatch};
 pub use schema::{SchemaCache, TableSchema};
 
-
 /// Why applying to the target failed. [`TargetError::is_transient`] tells a
 /// failure worth retrying (HTTP 503) from input that will never apply (400).
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +38,9 @@ pub enum TargetError {
     },
     #[error("table {table}: row has no value for primary-key column {column:?}")]
     MissingKey { table: String, column: String },
-    #[error("table {table}: deadline column {column:?} has a value that is not a timestamp: {value}")]
+    #[error(
+        "table {table}: deadline column {column:?} has a value that is not a timestamp: {value}"
+    )]
     BadDeadline {
         table: String,
         column: String,
@@ -208,9 +209,9 @@ impl Target {
                     TargetError::db(e)
                 }
             }
-            deadpool_postgres::PoolError::Timeout(_) => {
-                TargetError::Unavailable(format!("no connection to {database} within the apply timeout"))
-            }
+            deadpool_postgres::PoolError::Timeout(_) => TargetError::Unavailable(format!(
+                "no connection to {database} within the apply timeout"
+            )),
             other => TargetError::Unavailable(other.to_string()),
         })
     }

@@ -80,4 +80,3 @@ pub fn split_ident(name: &str) -> Result<Vec<String>, String> {
     parts.push(cur);
     Ok(parts)
 }
-

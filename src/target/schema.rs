@@ -7,8 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use tokio_postgres::GenericClient;
 
-use super::TargetError;
 use super::name::TableName;
+use super::TargetError;
 
 /// How a column's JSON values are turned into SQL input text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +54,10 @@ pub struct TableSchema {
 
 impl TableSchema {
     pub fn column(&self, name: &str) -> Option<(usize, &Column)> {
-        self.columns.iter().enumerate().find(|(_, c)| c.name == name)
+        self.columns
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.name == name)
     }
 
     pub fn pk_columns(&self) -> impl Iterator<Item = &Column> {
@@ -161,10 +164,7 @@ impl SchemaCache {
         name: &TableName,
     ) -> Result<Arc<TableSchema>, TargetError> {
         let s = Arc::new(introspect(client, name).await?);
-        self.tables
-            .write()
-            .unwrap()
-            .insert(name.clone(), s.clone());
+        self.tables.write().unwrap().insert(name.clone(), s.clone());
         Ok(s)
     }
 
