@@ -621,6 +621,8 @@ struct Feed {
     pending_since: Option<Instant>,
     last_slot_lag: Instant,
     last_advance_at: Instant,
+    /// Whether `pg_log_standby_snapshot()` works on the source.
+    log_snapshots: bool,
 }
 
 fn now_nanos() -> i64 {
@@ -691,6 +693,7 @@ impl Feed {
             pending_since: None,
             last_slot_lag: Instant::now() - Duration::from_secs(3600),
             last_advance_at: Instant::now(),
+            log_snapshots: true,
         }
     }
 
@@ -910,8 +913,10 @@ impl Feed {
 
             // Dispatch what may go now.
             let mut probe_reached = false;
-            while !resolved_due {
+            // Nothing goes while a resolved checkpoint waits for the window to drain.
+            loop {
                 match p.queue.front() {
+                    _ if resolved_due => break,
                     Some(Step::Batch(b)) if p.can_dispatch(b, max_in_flight) => {
                         let Some(Step::Batch(b)) = p.queue.pop_front() else {
                             unreachable!()
@@ -1038,6 +1043,17 @@ impl Feed {
                     .await?
                     .and_then(|r| r.get(0));
                 self.metrics.slot_lag_bytes.set(lag.unwrap_or(0));
+                // Peeks decode from the slot's restart_lsn, which only moves to
+                // a running-transactions record; PostgreSQL writes one every 15 s,
+                // so a busy source re-decodes up to 15 s of WAL per peek. Write
+                // one every second where the server can (PostgreSQL 16+, with
+                // the privilege); otherwise stop trying.
+                if self.log_snapshots && lag.unwrap_or(0) > 0 {
+                    if let Err(e) = db.batch_execute("SELECT pg_log_standby_snapshot()").await {
+                        tracing::debug!("not writing running-transactions records: {e}");
+                        self.log_snapshots = false;
+                    }
+                }
             }
 
             if found && !p.queue.is_empty() && p.can_dispatch_front(max_in_flight) {
@@ -1431,14 +1447,12 @@ impl Feed {
                     lsn,
                     prefix,
                     content,
-                } if prefix == self.probe_prefix => {
-                    if lsn > skip_through {
-                        d.through = d.through.max(lsn);
-                        d.items.push(Item::Probe {
-                            lsn,
-                            content: String::from_utf8_lossy(&content).into_owned(),
-                        });
-                    }
+                } if prefix == self.probe_prefix && lsn > skip_through => {
+                    d.through = d.through.max(lsn);
+                    d.items.push(Item::Probe {
+                        lsn,
+                        content: String::from_utf8_lossy(&content).into_owned(),
+                    });
                 }
                 _ => {}
             }
