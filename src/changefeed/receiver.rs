@@ -254,10 +254,13 @@ impl Receiver {
                 .cloned()
                 .unwrap_or_default();
             let mut stats = TableStats::default();
-            let muts = fold_duplicates(&schema, muts.clone())?;
+            let muts = fold_duplicates(&schema, muts.iter().collect())?;
             let muts = apply_deadlines(&schema, &cfg, muts, &mut stats)?;
             if cfg.has_apply {
-                let ops = muts.iter().map(to_op).collect::<Result<Vec<_>, _>>()?;
+                let ops = muts
+                    .iter()
+                    .map(|m| to_op(m))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let updated = muts.iter().map(|m| m.updated).max().unwrap_or_default();
                 let started = Instant::now();
                 let mut bridge = TxBridge {
@@ -290,13 +293,13 @@ impl Receiver {
         tx: &Transaction<'_>,
         schema: &TableSchema,
         cfg: &TableConfig,
-        muts: Vec<Mutation>,
+        muts: Vec<&Mutation>,
         stats: &mut TableStats,
     ) -> Result<(), ReceiveError> {
         let rules = write_rules(cfg);
         let cas = cas_columns(schema, cfg)?;
         let now = now_nanos();
-        let (upserts, deletes): (Vec<Mutation>, Vec<Mutation>) =
+        let (upserts, deletes): (Vec<&Mutation>, Vec<&Mutation>) =
             muts.into_iter().partition(|m| !m.is_delete());
 
         // Upserts.
@@ -326,7 +329,7 @@ impl Receiver {
         // Deletes: a delete whose row never existed at the source is dropped.
         let mut del: Vec<(usize, Vec<Value>)> = Vec::new();
         let mut del_muts: Vec<&Mutation> = Vec::new();
-        for m in &deletes {
+        for &m in &deletes {
             if m.before == Before::Null {
                 stats.dropped += 1;
                 continue;
@@ -363,7 +366,7 @@ impl Receiver {
         }
 
         if !losers.is_empty() {
-            let muts: Vec<&Mutation> = losers.iter().map(|&i| &upserts[i]).collect();
+            let muts: Vec<&Mutation> = losers.iter().map(|&i| upserts[i]).collect();
             self.resolve_conflicts(tx, schema, cfg, &rules, &muts, stats)
                 .await?;
         }
@@ -593,47 +596,23 @@ fn writable_columns(schema: &TableSchema) -> Vec<usize> {
 
 /// The primary key of a mutation: its `after`, else its `key`, else its `before`.
 fn key_of(schema: &TableSchema, m: &Mutation) -> Result<Vec<Value>, ReceiveError> {
-    let from_doc = |d: &Document| -> Option<Vec<Value>> {
-        schema
-            .pk_columns()
-            .map(|c| d.get(&c.name).filter(|v| !v.is_null()).cloned())
-            .collect()
-    };
-    if let Some(k) = m.after.as_ref().and_then(from_doc) {
-        return Ok(k);
-    }
-    if let Some(k) = &m.key {
-        if k.len() == schema.pk.len() {
-            return Ok(k.clone());
-        }
-    }
-    if let Some(k) = m.before.row().and_then(from_doc) {
-        return Ok(k);
-    }
-    Err(TargetError::MissingKey {
-        table: schema.name.to_string(),
-        column: schema
-            .pk_columns()
-            .next()
-            .map(|c| c.name.clone())
-            .unwrap_or_default(),
-    }
-    .into())
+    key_ref(schema, m).map(|k| k.0.into_iter().cloned().collect())
 }
 
 /// Several versions of one key in a request fold to the one with the highest
 /// `updated` (then the last), so each key is written once.
-fn fold_duplicates(
+fn fold_duplicates<'m>(
     schema: &TableSchema,
-    muts: Vec<Mutation>,
-) -> Result<Vec<Mutation>, ReceiveError> {
+    muts: Vec<&'m Mutation>,
+) -> Result<Vec<&'m Mutation>, ReceiveError> {
     if muts.len() < 2 {
         return Ok(muts);
     }
-    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    let mut out: Vec<Mutation> = Vec::with_capacity(muts.len());
+    let mut index: std::collections::HashMap<KeyRef<'m>, usize> =
+        std::collections::HashMap::with_capacity(muts.len());
+    let mut out: Vec<&Mutation> = Vec::with_capacity(muts.len());
     for m in muts {
-        let key = serde_json::to_string(&key_of(schema, &m)?).unwrap_or_default();
+        let key = key_ref(schema, m)?;
         match index.get(&key) {
             Some(&i) if out[i].updated > m.updated => {}
             Some(&i) => out[i] = m,
@@ -646,13 +625,82 @@ fn fold_duplicates(
     Ok(out)
 }
 
+/// A mutation's primary key by reference (its `after`, else its `key`, else
+/// its `before`), hashed
+/// and compared as JSON values without serialising them.
+struct KeyRef<'a>(Vec<&'a Value>);
+
+impl PartialEq for KeyRef<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for KeyRef<'_> {}
+
+impl std::hash::Hash for KeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for v in &self.0 {
+            hash_value(v, state);
+        }
+    }
+}
+
+/// Hashes a JSON value consistently with its `==` (objects compare without
+/// regard to order, so only their size is hashed).
+fn hash_value<H: std::hash::Hasher>(v: &Value, state: &mut H) {
+    use std::hash::Hash;
+    match v {
+        Value::Null => 0u8.hash(state),
+        Value::Bool(b) => (1u8, *b).hash(state),
+        Value::Number(n) => (2u8, n).hash(state),
+        Value::String(s) => (3u8, s.as_str()).hash(state),
+        Value::Array(a) => {
+            (4u8, a.len()).hash(state);
+            for x in a {
+                hash_value(x, state);
+            }
+        }
+        Value::Object(o) => (5u8, o.len()).hash(state),
+    }
+}
+
+fn key_ref<'a>(schema: &TableSchema, m: &'a Mutation) -> Result<KeyRef<'a>, ReceiveError> {
+    let from_doc = |d: &'a Document| -> Option<Vec<&'a Value>> {
+        schema
+            .pk_columns()
+            .map(|c| d.get(&c.name).filter(|v| !v.is_null()))
+            .collect()
+    };
+    if let Some(k) = m.after.as_ref().and_then(from_doc) {
+        return Ok(KeyRef(k));
+    }
+    if let Some(k) = &m.key {
+        if k.len() == schema.pk.len() {
+            return Ok(KeyRef(k.iter().collect()));
+        }
+    }
+    if let Some(k) = m.before.row().and_then(from_doc) {
+        return Ok(KeyRef(k));
+    }
+    Err(TargetError::MissingKey {
+        table: schema.name.to_string(),
+        column: schema
+            .pk_columns()
+            .next()
+            .map(|c| c.name.clone())
+            .unwrap_or_default(),
+    }
+    .into())
+}
+
 /// Drops upserts whose deadline column is older than now minus its duration.
-fn apply_deadlines(
+fn apply_deadlines<'m>(
     schema: &TableSchema,
     cfg: &TableConfig,
-    muts: Vec<Mutation>,
+    muts: Vec<&'m Mutation>,
     stats: &mut TableStats,
-) -> Result<Vec<Mutation>, ReceiveError> {
+) -> Result<Vec<&'m Mutation>, ReceiveError> {
     if cfg.deadlines.is_empty() {
         return Ok(muts);
     }
@@ -702,11 +750,11 @@ fn parse_timestamp(v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
 
 /// Converts documents over a fixed column list (missing properties are NULL);
 /// also returns which rows had a document at all.
-fn batch_for_columns(
+fn batch_for_columns<'a>(
     schema: &TableSchema,
-    docs: &[(usize, Option<&Document>)],
+    docs: &[(usize, Option<&'a Document>)],
     columns: &[usize],
-) -> Result<(TableBatch, Vec<bool>), ReceiveError> {
+) -> Result<(TableBatch<'a>, Vec<bool>), ReceiveError> {
     let mut values = vec![Vec::with_capacity(docs.len()); columns.len()];
     let mut present = Vec::with_capacity(docs.len());
     for (_, doc) in docs {
@@ -714,7 +762,7 @@ fn batch_for_columns(
         for (n, &c) in columns.iter().enumerate() {
             let col = &schema.columns[c];
             let v = match doc.and_then(|d| d.get(&col.name)) {
-                Some(v) => crate::target::convert::to_sql_text(col, v).map_err(|source| {
+                Some(v) => crate::target::convert::to_sql(col, v).map_err(|source| {
                     TargetError::Convert {
                         table: schema.name.to_string(),
                         source: Box::new(source),
@@ -736,7 +784,7 @@ fn batch_for_columns(
 }
 
 /// The rows of `batch` at positions `rows`.
-fn select_rows(batch: &TableBatch, rows: &[usize]) -> TableBatch {
+fn select_rows<'a>(batch: &TableBatch<'a>, rows: &[usize]) -> TableBatch<'a> {
     TableBatch {
         ords: rows.iter().map(|&r| batch.ords[r]).collect(),
         columns: batch.columns.clone(),
@@ -817,7 +865,8 @@ impl ScriptTx for TxBridge<'_, '_> {
                 },
             })
             .collect();
-        let muts = fold_duplicates(&self.schema, muts).map_err(|e| e.to_string())?;
+        let muts =
+            fold_duplicates(&self.schema, muts.iter().collect()).map_err(|e| e.to_string())?;
         self.receiver
             .apply_standard(self.tx, &self.schema, self.cfg, muts, self.stats)
             .await

@@ -51,6 +51,17 @@ struct RawEnvelope<'a> {
     resolved: Option<Value>,
 }
 
+/// The common case read in one pass: an envelope whose rows all parse.
+#[derive(Deserialize)]
+struct FastEnvelope {
+    #[serde(default)]
+    payload: Option<Vec<RawRow>>,
+    #[serde(default)]
+    length: Option<Value>,
+    #[serde(default)]
+    resolved: Option<Value>,
+}
+
 /// Keeps an explicit JSON `null` as `Some(Value::Null)`, so a field that is
 /// absent (`None`) differs from one that is null.
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
@@ -79,6 +90,9 @@ pub fn parse_body(body: &[u8]) -> Result<Envelope, ParseError> {
     let trimmed = body.trim_ascii();
     if trimmed.is_empty() {
         return Err(ParseError::Envelope("empty request body".into()));
+    }
+    if let Some(rows) = parse_batch_fast(trimmed) {
+        return Ok(Envelope::Batch(rows));
     }
     // ndjson: several JSON objects, one per line (CockroachDB's cloud-storage style).
     let envelope: RawEnvelope = match serde_json::from_slice(trimmed) {
@@ -136,6 +150,30 @@ pub fn parse_body(body: &[u8]) -> Result<Envelope, ParseError> {
         rows.push(to_mutation(row).map_err(|message| ParseError::Row { index, message })?);
     }
     Ok(Envelope::Batch(rows))
+}
+
+/// Reads a well-formed batch in one pass. `None` for anything else (a
+/// resolved checkpoint, ndjson, any error), which [`parse_body`] then reads
+/// row by row, so that errors name the row.
+fn parse_batch_fast(body: &[u8]) -> Option<Vec<Mutation>> {
+    let envelope: FastEnvelope = serde_json::from_slice(body).ok()?;
+    if envelope.resolved.is_some() {
+        return None;
+    }
+    let payload = envelope.payload?;
+    if let Some(length) = envelope.length {
+        if length.as_u64() != Some(payload.len() as u64) {
+            return None;
+        }
+    }
+    let mut rows = Vec::with_capacity(payload.len());
+    for row in payload {
+        if row.resolved.is_some() && row.updated.is_none() && row.after.is_none() {
+            continue;
+        }
+        rows.push(to_mutation(row).ok()?);
+    }
+    Some(rows)
 }
 
 fn first_line(b: &[u8]) -> &[u8] {

@@ -307,19 +307,25 @@ pub fn route_by_topic(
     default_table: Option<&str>,
     batch: Vec<Mutation>,
 ) -> Result<Vec<Routed>, ScriptError> {
+    // A batch usually names one table: resolve each distinct name once.
+    let mut last: Option<(String, TableName)> = None;
     batch
         .into_iter()
         .map(|m| {
-            let name = default_table
-                .map(str::to_string)
-                .or_else(|| m.topic.clone())
-                .ok_or_else(|| {
-                    ScriptError::Invalid(
-                        "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}"
-                            .to_string(),
-                    )
-                })?;
-            let table = TableName::resolve(&name, database, schema).map_err(ScriptError::Invalid)?;
+            let name = default_table.or(m.topic.as_deref()).ok_or_else(|| {
+                ScriptError::Invalid(
+                    "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}"
+                        .to_string(),
+                )
+            })?;
+            let table = match &last {
+                Some((n, t)) if n == name => t.clone(),
+                _ => {
+                    let t = TableName::resolve(name, database, schema).map_err(ScriptError::Invalid)?;
+                    last = Some((name.to_string(), t.clone()));
+                    t
+                }
+            };
             Ok(Routed { table, mutation: m })
         })
         .collect()

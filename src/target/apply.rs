@@ -8,6 +8,7 @@
 //! the check and the write; rows the statement did not write are returned as
 //! losers.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
@@ -15,7 +16,7 @@ use deadpool_postgres::Transaction;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
-use super::convert::to_sql_text;
+use super::convert::to_sql;
 use super::schema::TableSchema;
 use super::sql::quote_ident;
 use super::TargetError;
@@ -32,18 +33,19 @@ pub struct WriteRules {
     pub exprs: BTreeMap<String, String>,
 }
 
-/// Rows for one table sharing one set of columns, column-major.
+/// Rows for one table sharing one set of columns, column-major. Values
+/// borrow from the documents they came from where they can.
 #[derive(Debug, Clone)]
-pub struct TableBatch {
+pub struct TableBatch<'a> {
     /// The caller's index of each row.
     pub ords: Vec<usize>,
     /// Indexes into the schema's columns, in table order.
     pub columns: Vec<usize>,
     /// `values[c][r]`: column `c`'s input text for row `r` (None is NULL).
-    pub values: Vec<Vec<Option<String>>>,
+    pub values: Vec<Vec<Option<Cow<'a, str>>>>,
 }
 
-impl TableBatch {
+impl TableBatch<'_> {
     pub fn len(&self) -> usize {
         self.ords.len()
     }
@@ -56,11 +58,11 @@ impl TableBatch {
 /// Converts documents into batches, one per distinct set of columns (a
 /// changefeed sends every column, so there is normally one). Unknown
 /// properties are an error unless ignored or collected into `extras`.
-pub fn prepare(
+pub fn prepare<'a>(
     schema: &TableSchema,
-    docs: &[(usize, &Document)],
+    docs: &[(usize, &'a Document)],
     rules: &WriteRules,
-) -> Result<Vec<TableBatch>, TargetError> {
+) -> Result<Vec<TableBatch<'a>>, TargetError> {
     let extras_idx =
         match &rules.extras {
             Some(name) => Some(schema.column(name).map(|(i, _)| i).ok_or_else(|| {
@@ -71,19 +73,34 @@ pub fn prepare(
             })?),
             None => None,
         };
-    let mut groups: Vec<(Vec<usize>, TableBatch)> = Vec::new();
+    // Wide tables: find columns by name through a map rather than a scan.
+    let by_name: Option<HashMap<&str, usize>> = (schema.columns.len() > 16).then(|| {
+        schema
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.as_str(), i))
+            .collect()
+    });
+    let column = |prop: &str| match &by_name {
+        Some(m) => m.get(prop).map(|&i| (i, &schema.columns[i])),
+        None => schema.column(prop),
+    };
+    let mut groups: Vec<TableBatch<'a>> = Vec::new();
     let mut by_cols: HashMap<Vec<usize>, usize> = HashMap::new();
+    let mut last_group = usize::MAX;
+    let mut row: Vec<(usize, Option<Cow<'a, str>>)> = Vec::new();
     for &(ord, doc) in docs {
-        let mut row: Vec<(usize, Option<String>)> = Vec::with_capacity(doc.len());
+        row.clear();
         let mut extras = serde_json::Map::new();
         for (prop, value) in doc {
             if rules.ignore.iter().any(|i| i == prop) {
                 continue;
             }
-            match schema.column(prop) {
+            match column(prop) {
                 Some((_, col)) if col.generated => continue,
                 Some((i, col)) => {
-                    let text = to_sql_text(col, value).map_err(|source| TargetError::Convert {
+                    let text = to_sql(col, value).map_err(|source| TargetError::Convert {
                         table: schema.name.to_string(),
                         source: Box::new(source),
                     })?;
@@ -103,7 +120,7 @@ pub fn prepare(
         if let Some(i) = extras_idx {
             if !extras.is_empty() {
                 row.retain(|(c, _)| *c != i);
-                row.push((i, Some(Value::Object(extras).to_string())));
+                row.push((i, Some(Cow::Owned(Value::Object(extras).to_string()))));
             }
         }
         row.sort_by_key(|(i, _)| *i);
@@ -115,32 +132,35 @@ pub fn prepare(
                 });
             }
         }
-        let cols: Vec<usize> = row.iter().map(|(i, _)| *i).collect();
-        let g = *by_cols.entry(cols.clone()).or_insert_with(|| {
-            groups.push((
-                cols.clone(),
-                TableBatch {
-                    ords: Vec::new(),
-                    columns: cols.clone(),
-                    values: vec![Vec::new(); cols.len()],
-                },
-            ));
-            groups.len() - 1
-        });
-        let batch = &mut groups[g].1;
+        // Rows of one batch nearly always share the previous row's columns.
+        let same_as_last = groups
+            .get(last_group)
+            .is_some_and(|g| g.columns.iter().copied().eq(row.iter().map(|(i, _)| *i)));
+        if !same_as_last {
+            let cols: Vec<usize> = row.iter().map(|(i, _)| *i).collect();
+            last_group = *by_cols.entry(cols.clone()).or_insert_with(|| {
+                groups.push(TableBatch {
+                    ords: Vec::with_capacity(docs.len()),
+                    values: vec![Vec::with_capacity(docs.len()); cols.len()],
+                    columns: cols,
+                });
+                groups.len() - 1
+            });
+        }
+        let batch = &mut groups[last_group];
         batch.ords.push(ord);
-        for (c, (_, v)) in row.into_iter().enumerate() {
+        for (c, (_, v)) in row.drain(..).enumerate() {
             batch.values[c].push(v);
         }
     }
-    Ok(groups.into_iter().map(|(_, b)| b).collect())
+    Ok(groups)
 }
 
 /// Builds the primary-key-only batch that identifies rows to delete.
-pub fn prepare_keys(
+pub fn prepare_keys<'a>(
     schema: &TableSchema,
-    keys: &[(usize, Vec<Value>)],
-) -> Result<TableBatch, TargetError> {
+    keys: &'a [(usize, Vec<Value>)],
+) -> Result<TableBatch<'a>, TargetError> {
     let mut values = vec![Vec::with_capacity(keys.len()); schema.pk.len()];
     for (_, key) in keys {
         if key.len() != schema.pk.len() {
@@ -153,7 +173,7 @@ pub fn prepare_keys(
         }
         for (k, &pk) in schema.pk.iter().enumerate() {
             let col = &schema.columns[pk];
-            let text = to_sql_text(col, &key[k]).map_err(|source| TargetError::Convert {
+            let text = to_sql(col, &key[k]).map_err(|source| TargetError::Convert {
                 table: schema.name.to_string(),
                 source: Box::new(source),
             })?;
@@ -341,7 +361,7 @@ pub struct Upserted {
 pub async fn upsert(
     tx: &Transaction<'_>,
     schema: &TableSchema,
-    batch: &TableBatch,
+    batch: &TableBatch<'_>,
     cas: &[usize],
     rules: &WriteRules,
 ) -> Result<Upserted, TargetError> {
@@ -382,9 +402,9 @@ pub async fn upsert(
 pub async fn delete(
     tx: &Transaction<'_>,
     schema: &TableSchema,
-    keys: &TableBatch,
+    keys: &TableBatch<'_>,
     cas: &[usize],
-    cas_values: &TableBatch,
+    cas_values: &TableBatch<'_>,
 ) -> Result<Vec<usize>, TargetError> {
     let rules = WriteRules::default();
     let (key_arrays, key_select) = unnest_source(schema, &keys.columns, &rules, "k", 2);
@@ -472,9 +492,9 @@ pub struct Loser {
 pub async fn fetch_losers(
     tx: &Transaction<'_>,
     schema: &TableSchema,
-    keys: &TableBatch,
-    proposed: Option<&TableBatch>,
-    before: Option<(&TableBatch, &[bool])>,
+    keys: &TableBatch<'_>,
+    proposed: Option<&TableBatch<'_>>,
+    before: Option<(&TableBatch<'_>, &[bool])>,
     rules: &WriteRules,
 ) -> Result<Vec<Loser>, TargetError> {
     let none = WriteRules::default();

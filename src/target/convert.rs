@@ -5,6 +5,8 @@
 //! (exact numerics keep every digit). What can be checked cheaply here is, so
 //! that the error names the column and the value.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use serde_json::Value;
 
@@ -34,6 +36,12 @@ fn shorten(v: &Value) -> String {
 
 /// Converts one JSON value for `col`; `None` is SQL NULL.
 pub fn to_sql_text(col: &Column, v: &Value) -> Result<Option<String>, ConvertError> {
+    Ok(to_sql(col, v)?.map(Cow::into_owned))
+}
+
+/// [`to_sql_text`], borrowing the value's text where it is already the input
+/// text (strings, numbers), so a batch does not copy every value.
+pub fn to_sql<'a>(col: &Column, v: &'a Value) -> Result<Option<Cow<'a, str>>, ConvertError> {
     let err = |reason: &str| ConvertError {
         column: col.name.clone(),
         sql_type: col.sql_type.clone(),
@@ -43,48 +51,56 @@ pub fn to_sql_text(col: &Column, v: &Value) -> Result<Option<String>, ConvertErr
     if v.is_null() {
         return Ok(None);
     }
-    let text = match col.kind {
+    let text: Cow<'a, str> = match col.kind {
         Kind::Integer => match v {
-            Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
-            Value::String(s) if is_integer(s) => s.clone(),
+            Value::Number(n) if n.is_i64() || n.is_u64() => number(n),
+            Value::String(s) if is_integer(s) => Cow::Borrowed(s),
             _ => return Err(err("expected an integer")),
         },
         Kind::Number => match v {
-            Value::Number(n) => n.to_string(),
-            Value::String(s) => s.clone(),
+            Value::Number(n) => number(n),
+            Value::String(s) => Cow::Borrowed(s),
             _ => return Err(err("expected a number")),
         },
         Kind::Bool => match v {
-            Value::Bool(b) => b.to_string(),
-            Value::String(s) if matches!(s.as_str(), "true" | "false" | "t" | "f") => s.clone(),
+            Value::Bool(true) => Cow::Borrowed("true"),
+            Value::Bool(false) => Cow::Borrowed("false"),
+            Value::String(s) if matches!(s.as_str(), "true" | "false" | "t" | "f") => {
+                Cow::Borrowed(s)
+            }
             _ => return Err(err("expected a boolean")),
         },
-        Kind::Json => v.to_string(),
+        Kind::Json => Cow::Owned(v.to_string()),
         Kind::Bytea => match v {
             Value::String(s) => bytea_text(s).ok_or_else(|| err("expected \\x hex or base64"))?,
             _ => return Err(err("expected a string of \\x hex or base64")),
         },
         Kind::Uuid => match v {
-            Value::String(s) if uuid::Uuid::parse_str(s).is_ok() => s.clone(),
+            Value::String(s) if uuid::Uuid::parse_str(s).is_ok() => Cow::Borrowed(s),
             _ => return Err(err("expected a UUID string")),
         },
         Kind::Array => match v {
             Value::Array(items) => {
                 let mut out = String::new();
                 array_literal(items, &mut out);
-                out
+                Cow::Owned(out)
             }
-            Value::String(s) => s.clone(),
+            Value::String(s) => Cow::Borrowed(s),
             _ => return Err(err("expected an array")),
         },
         Kind::Text => match v {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            other => other.to_string(),
+            Value::String(s) => Cow::Borrowed(s),
+            Value::Number(n) => number(n),
+            Value::Bool(b) => Cow::Owned(b.to_string()),
+            other => Cow::Owned(other.to_string()),
         },
     };
     Ok(Some(text))
+}
+
+/// A number's text as it came (serde_json keeps it exactly).
+fn number(n: &serde_json::Number) -> Cow<'_, str> {
+    Cow::Borrowed(n.as_str())
 }
 
 fn is_integer(s: &str) -> bool {
@@ -93,16 +109,16 @@ fn is_integer(s: &str) -> bool {
 }
 
 /// `\x…` hex passes through (checked); anything else is read as base64.
-fn bytea_text(s: &str) -> Option<String> {
+fn bytea_text(s: &str) -> Option<Cow<'_, str>> {
     if let Some(hex) = s.strip_prefix("\\x") {
         return (hex.len() % 2 == 0 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| s.to_string());
+            .then_some(Cow::Borrowed(s));
     }
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(s)
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(s))
         .ok()?;
-    Some(format!("\\x{}", hex::encode(bytes)))
+    Some(Cow::Owned(format!("\\x{}", hex::encode(bytes))))
 }
 
 /// Writes a PostgreSQL array literal (`{1,"a b",NULL,{2,3}}`).
