@@ -130,7 +130,10 @@ mod tests {
     #[test]
     fn go_style_addresses() {
         assert_eq!(parse_addr(":30004").unwrap().to_string(), "0.0.0.0:30004");
-        assert_eq!(parse_addr("127.0.0.1:1").unwrap().to_string(), "127.0.0.1:1");
+        assert_eq!(
+            parse_addr("127.0.0.1:1").unwrap().to_string(),
+            "127.0.0.1:1"
+        );
         assert!(parse_addr("nope").is_err());
     }
 

@@ -154,14 +154,20 @@ pub fn sink_url(receiver: &RunningServer) -> String {
 
 /// Starts a changefeed from `source_url`'s kv table to `sink`, retrying a
 /// sink that does not answer at least every `retry_max`.
-pub async fn start_changefeed(source_url: &str, sink: String, retry_max: Duration) -> Result<RunningChangefeed> {
+pub async fn start_changefeed(
+    source_url: &str,
+    sink: String,
+    retry_max: Duration,
+) -> Result<RunningChangefeed> {
     let mut opts = ChangefeedOptions::new(source_url, vec!["kv.public.kv".into()], sink);
     opts.resolved_interval = Some(Duration::from_secs(1));
     opts.retry_max = retry_max;
     let metrics = ChangefeedMetrics::new();
-    let metrics_addr =
-        crate::metrics::serve("127.0.0.1:0".parse().expect("address"), metrics.registry.clone())
-            .await?;
+    let metrics_addr = crate::metrics::serve(
+        "127.0.0.1:0".parse().expect("address"),
+        metrics.registry.clone(),
+    )
+    .await?;
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(run_changefeed(opts, metrics.clone(), rx));
     Ok(RunningChangefeed {
@@ -174,7 +180,13 @@ pub async fn start_changefeed(source_url: &str, sink: String, retry_max: Duratio
 
 /// The seed's kv workload on one side: sequential keys from `start`, `rate`
 /// upserts a second for `duration`. Returns the number of rows written.
-pub async fn workload(url: String, start: i64, rate: u32, duration: Duration, written: Arc<AtomicU64>) -> Result<()> {
+pub async fn workload(
+    url: String,
+    start: i64,
+    rate: u32,
+    duration: Duration,
+    written: Arc<AtomicU64>,
+) -> Result<()> {
     let c = connect(&url).await?;
     let stmt = c
         .prepare(
@@ -247,7 +259,10 @@ pub fn histogram_quantile(h: &prometheus::Histogram, q: f64) -> Option<f64> {
     Some(prev_bound)
 }
 
-fn receiver_count(m: &ReceiverMetrics, pick: fn(&ReceiverMetrics) -> &prometheus::IntCounterVec) -> u64 {
+fn receiver_count(
+    m: &ReceiverMetrics,
+    pick: fn(&ReceiverMetrics) -> &prometheus::IntCounterVec,
+) -> u64 {
     pick(m).with_label_values(&["public", "kv"]).get()
 }
 
@@ -264,7 +279,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let (root, temporary) = match &args.data_dir {
         Some(d) => (d.clone(), false),
         None => (
-            tempfile::Builder::new().prefix("meridian-demo-").tempdir()?.keep(),
+            tempfile::Builder::new()
+                .prefix("meridian-demo-")
+                .tempdir()?
+                .keep(),
             true,
         ),
     };
@@ -283,7 +301,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
     std::fs::create_dir_all(root)?;
-    println!("meridian demo: east and west PostgreSQL clusters under {}", root.display());
+    println!(
+        "meridian demo: east and west PostgreSQL clusters under {}",
+        root.display()
+    );
     let keep_data = args.data_dir.is_some();
     let east_cluster = PgCluster::start_in(&root.join("east"), keep_data)?;
     let west_cluster = PgCluster::start_in(&root.join("west"), keep_data)?;
@@ -310,12 +331,23 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
     let cf_east = start_changefeed(&east.url, sink_url(&east_west), Duration::from_secs(2)).await?;
     let cf_west = start_changefeed(&west.url, sink_url(&west_east), Duration::from_secs(2)).await?;
     for (component, region, addr) in [
-        ("east_west", "west", east_west.metrics_addr().expect("metricsAddr set")),
-        ("west_east", "east", west_east.metrics_addr().expect("metricsAddr set")),
+        (
+            "east_west",
+            "west",
+            east_west.metrics_addr().expect("metricsAddr set"),
+        ),
+        (
+            "west_east",
+            "east",
+            west_east.metrics_addr().expect("metricsAddr set"),
+        ),
         ("changefeed_east", "east", cf_east.metrics_addr),
         ("changefeed_west", "west", cf_west.metrics_addr),
     ] {
-        println!("metrics: {component} {region} http://127.0.0.1:{}/metrics", addr.port());
+        println!(
+            "metrics: {component} {region} http://127.0.0.1:{}/metrics",
+            addr.port()
+        );
     }
 
     let conflicts_expected = args.start_east == args.start_west;
@@ -325,13 +357,29 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
         args.duration,
         args.start_east,
         args.start_west,
-        if conflicts_expected { ": the same keys, so conflicts" } else { "" }
+        if conflicts_expected {
+            ": the same keys, so conflicts"
+        } else {
+            ""
+        }
     );
     let east_written = Arc::new(AtomicU64::new(0));
     let west_written = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let we = tokio::spawn(workload(east.url.clone(), args.start_east, args.rate, args.duration, east_written.clone()));
-    let ww = tokio::spawn(workload(west.url.clone(), args.start_west, args.rate, args.duration, west_written.clone()));
+    let we = tokio::spawn(workload(
+        east.url.clone(),
+        args.start_east,
+        args.rate,
+        args.duration,
+        east_written.clone(),
+    ));
+    let ww = tokio::spawn(workload(
+        west.url.clone(),
+        args.start_west,
+        args.rate,
+        args.duration,
+        west_written.clone(),
+    ));
     let progress = |label: &str| {
         let ew = &east_west.metrics;
         let wem = &west_east.metrics;
@@ -370,7 +418,12 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let e = kv_rows(&ec).await?;
         let w = kv_rows(&wc).await?;
-        let snapshot = (e.len(), w.len(), e == w, applied_total(&east_west, &west_east));
+        let snapshot = (
+            e.len(),
+            w.len(),
+            e == w,
+            applied_total(&east_west, &west_east),
+        );
         if e == w && last.as_ref() == Some(&snapshot) {
             stable += 1;
             if stable >= 2 {
@@ -391,8 +444,20 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
     let w_dlq = count(&wc, "SELECT count(*) FROM cdc_sink_dlq").await?;
     let applied = applied_total(&east_west, &west_east);
     let lag = |q| {
-        let ew = histogram_quantile(&east_west.metrics.apply_mutation_age.with_label_values(&["public", "kv"]), q);
-        let we = histogram_quantile(&west_east.metrics.apply_mutation_age.with_label_values(&["public", "kv"]), q);
+        let ew = histogram_quantile(
+            &east_west
+                .metrics
+                .apply_mutation_age
+                .with_label_values(&["public", "kv"]),
+            q,
+        );
+        let we = histogram_quantile(
+            &west_east
+                .metrics
+                .apply_mutation_age
+                .with_label_values(&["public", "kv"]),
+            q,
+        );
         match (ew, we) {
             (Some(a), Some(b)) => format!("{:.3}s", a.max(b)),
             (Some(a), None) | (None, Some(a)) => format!("{a:.3}s"),
@@ -401,13 +466,20 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
     };
     println!();
     println!("meridian demo report");
-    println!("  workload     {} upserts/s per side for {write_secs:.1}s; settled after {total_secs:.1}s", args.rate);
+    println!(
+        "  workload     {} upserts/s per side for {write_secs:.1}s; settled after {total_secs:.1}s",
+        args.rate
+    );
     println!(
         "  written      east {}  west {}",
         east_written.load(Ordering::Relaxed),
         west_written.load(Ordering::Relaxed)
     );
-    println!("  rows         east {}  west {}", e_rows.len(), w_rows.len());
+    println!(
+        "  rows         east {}  west {}",
+        e_rows.len(),
+        w_rows.len()
+    );
     if identical {
         println!(
             "  identical    yes: {} rows compared one by one, including _source and _timestamp",
@@ -432,7 +504,11 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
         "  replicated   {applied} rows applied in {write_secs:.1}s of workload: {:.0} rows/s",
         applied as f64 / write_secs
     );
-    println!("  lag          p50 {}  p99 {}  (commit at the source → applied at the target)", lag(0.5), lag(0.99));
+    println!(
+        "  lag          p50 {}  p99 {}  (commit at the source → applied at the target)",
+        lag(0.5),
+        lag(0.99)
+    );
 
     if args.keep {
         println!();
@@ -443,7 +519,11 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
                 r.name, r.url
             );
         }
-        println!("  receivers: {}/_/healthz (applies to west), {}/_/healthz (applies to east)", east_west.base_url(), west_east.base_url());
+        println!(
+            "  receivers: {}/_/healthz (applies to west), {}/_/healthz (applies to east)",
+            east_west.base_url(),
+            west_east.base_url()
+        );
         std::future::pending::<()>().await;
     }
 
@@ -460,5 +540,6 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
 }
 
 fn applied_total(a: &RunningServer, b: &RunningServer) -> u64 {
-    receiver_count(&a.metrics, |m| &m.apply_upserts) + receiver_count(&b.metrics, |m| &m.apply_upserts)
+    receiver_count(&a.metrics, |m| &m.apply_upserts)
+        + receiver_count(&b.metrics, |m| &m.apply_upserts)
 }

@@ -18,7 +18,21 @@ fn apply_buckets() -> Vec<f64> {
 /// Lag: seconds to hours.
 fn lag_buckets() -> Vec<f64> {
     vec![
-        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+        30.0,
+        60.0,
+        300.0,
+        900.0,
+        3600.0,
         4.0 * 3600.0,
     ]
 }
@@ -48,7 +62,8 @@ pub struct ReceiverMetrics {
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("metric registered once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
@@ -61,13 +76,15 @@ fn histogram_vec(
 ) -> HistogramVec {
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
         .expect("valid metric");
-    r.register(Box::new(h.clone())).expect("metric registered once");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
     h
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("metric registered once");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
@@ -77,8 +94,11 @@ impl ReceiverMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let http_latency = Histogram::with_opts(
-            HistogramOpts::new("http_latency_seconds", "Time to answer a changefeed request")
-                .buckets(apply_buckets()),
+            HistogramOpts::new(
+                "http_latency_seconds",
+                "Time to answer a changefeed request",
+            )
+            .buckets(apply_buckets()),
         )
         .expect("valid metric");
         r.register(Box::new(http_latency.clone())).unwrap();
@@ -98,15 +118,30 @@ impl ReceiverMetrics {
         .unwrap();
         r.register(Box::new(resolved_timestamp.clone())).unwrap();
         ReceiverMetrics {
-            apply_upserts: counter_vec(&r, "apply_upserts_total", "Rows upserted into the target", TABLE),
-            apply_deletes: counter_vec(&r, "apply_deletes_total", "Rows deleted from the target", TABLE),
+            apply_upserts: counter_vec(
+                &r,
+                "apply_upserts_total",
+                "Rows upserted into the target",
+                TABLE,
+            ),
+            apply_deletes: counter_vec(
+                &r,
+                "apply_deletes_total",
+                "Rows deleted from the target",
+                TABLE,
+            ),
             apply_conflicts: counter_vec(
                 &r,
                 "apply_conflicts_total",
                 "Rows that lost compare-and-set against the stored row",
                 TABLE,
             ),
-            apply_errors: counter_vec(&r, "apply_errors_total", "Requests whose apply failed", TABLE),
+            apply_errors: counter_vec(
+                &r,
+                "apply_errors_total",
+                "Requests whose apply failed",
+                TABLE,
+            ),
             apply_dropped: counter_vec(
                 &r,
                 "apply_dropped_total",
@@ -119,7 +154,12 @@ impl ReceiverMetrics {
                 "Rows discarded because a deadline column was too old",
                 TABLE,
             ),
-            dlq_enqueued: counter_vec(&r, "dlq_enqueued_total", "Rows written to the DLQ table", TABLE),
+            dlq_enqueued: counter_vec(
+                &r,
+                "dlq_enqueued_total",
+                "Rows written to the DLQ table",
+                TABLE,
+            ),
             apply_duration: histogram_vec(
                 &r,
                 "apply_duration_seconds",
@@ -211,8 +251,11 @@ impl ChangefeedMetrics {
         )
         .unwrap();
         let send_duration = Histogram::with_opts(
-            HistogramOpts::new("changefeed_send_seconds", "Time for the sink to answer a batch")
-                .buckets(apply_buckets()),
+            HistogramOpts::new(
+                "changefeed_send_seconds",
+                "Time for the sink to answer a batch",
+            )
+            .buckets(apply_buckets()),
         )
         .unwrap();
         for c in [&batches_sent, &retries, &resolved_sent] {

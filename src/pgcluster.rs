@@ -110,15 +110,22 @@ impl PgCluster {
         };
         if is_root() {
             // The postgres user must own the tree and reach it.
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root))?;
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&root))?;
             run(Command::new("chmod").arg("0755").arg(&root))?;
         }
         if !data.join("PG_VERSION").exists() {
             let mut initdb = cluster.command("initdb");
-            initdb
-                .arg("-D")
-                .arg(&data)
-                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+            initdb.arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]);
             run(&mut initdb).context("initdb")?;
         }
         cluster.pg_ctl_start()?;
@@ -184,7 +191,10 @@ impl PgCluster {
             .is_some();
         if !exists {
             client
-                .batch_execute(&format!("CREATE DATABASE {}", crate::target::sql::quote_ident(database)))
+                .batch_execute(&format!(
+                    "CREATE DATABASE {}",
+                    crate::target::sql::quote_ident(database)
+                ))
                 .await?;
         }
         Ok(self.url(database))
@@ -230,9 +240,7 @@ impl Drop for PgCluster {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}):\n{}{}",
@@ -288,7 +296,9 @@ impl SharedCluster {
         client
             .batch_execute(&format!("DROP DATABASE IF EXISTS {q} WITH (FORCE)"))
             .await?;
-        client.batch_execute(&format!("CREATE DATABASE {q}")).await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {q}"))
+            .await?;
         Ok(self.url(database))
     }
 }

@@ -58,7 +58,10 @@ impl Receiver {
     async fn wait_healthy(&self) {
         let url = format!("http://127.0.0.1:{}/_/healthz", self.port);
         let ok = wait_for(Duration::from_secs(20), || async {
-            reqwest::get(&url).await.map(|r| r.status() == 200).unwrap_or(false)
+            reqwest::get(&url)
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
         })
         .await;
         assert!(ok, "receiver on {} did not become healthy", self.port);
@@ -98,8 +101,12 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
     let east_cluster = PgCluster::start_temp().unwrap();
     let west_cluster = PgCluster::start_temp().unwrap();
     let scratch = tempfile::tempdir().unwrap();
-    let east = setup_region(&east_cluster, "east", scratch.path()).await.unwrap();
-    let west = setup_region(&west_cluster, "west", scratch.path()).await.unwrap();
+    let east = setup_region(&east_cluster, "east", scratch.path())
+        .await
+        .unwrap();
+    let west = setup_region(&west_cluster, "west", scratch.path())
+        .await
+        .unwrap();
     let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("userscripts");
 
     // Changefeeds first, receivers not up yet: everything written now is
@@ -110,8 +117,14 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
     let mut west_east = west_east;
     west_east.kill();
     let retry = Duration::from_millis(500);
-    let cf_east = start_changefeed(&east, east_west.sink(), retry).await.unwrap();
-    let mut cf_west = Some(start_changefeed(&west, west_east.sink(), retry).await.unwrap());
+    let cf_east = start_changefeed(&east, east_west.sink(), retry)
+        .await
+        .unwrap();
+    let mut cf_west = Some(
+        start_changefeed(&west, west_east.sink(), retry)
+            .await
+            .unwrap(),
+    );
     slot_ready(&east).await;
     slot_ready(&west).await;
 
@@ -134,8 +147,20 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
     // Phase 2: both sides write the same new keys while a receiver is killed
     // and restarted and a changefeed is stopped and started again.
     let duration = Duration::from_secs(8);
-    let we = tokio::spawn(workload(east.clone(), 10_000, 150, duration, Arc::new(AtomicU64::new(0))));
-    let ww = tokio::spawn(workload(west.clone(), 10_000, 150, duration, Arc::new(AtomicU64::new(0))));
+    let we = tokio::spawn(workload(
+        east.clone(),
+        10_000,
+        150,
+        duration,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    let ww = tokio::spawn(workload(
+        west.clone(),
+        10_000,
+        150,
+        duration,
+        Arc::new(AtomicU64::new(0)),
+    ));
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     east_west.kill();
@@ -144,7 +169,9 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     cf_west.take().unwrap().stop().await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let cf_west = start_changefeed(&west, west_east.sink(), retry).await.unwrap();
+    let cf_west = start_changefeed(&west, west_east.sink(), retry)
+        .await
+        .unwrap();
     we.await.unwrap().unwrap();
     ww.await.unwrap().unwrap();
     assert!(started.elapsed() >= Duration::from_secs(6));
@@ -155,14 +182,25 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
     })
     .await;
     let (e_rows, w_rows) = (kv_rows(&ec).await.unwrap(), kv_rows(&wc).await.unwrap());
-    assert!(converged, "east and west differ: {} vs {} rows", e_rows.len(), w_rows.len());
-    assert!(e_rows.len() as i64 >= phase1 + 1000, "workload wrote {} rows", e_rows.len());
+    assert!(
+        converged,
+        "east and west differ: {} vs {} rows",
+        e_rows.len(),
+        w_rows.len()
+    );
+    assert!(
+        e_rows.len() as i64 >= phase1 + 1000,
+        "workload wrote {} rows",
+        e_rows.len()
+    );
     // Let in-flight retries land before checking the DLQs.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Phase 1: every key's losing version is in the winner's DLQ, once, and
     // nothing of that key in the loser's.
-    for (winner, winner_c, loser, loser_c) in [("east", &ec, "west", &wc), ("west", &wc, "east", &ec)] {
+    for (winner, winner_c, loser, loser_c) in
+        [("east", &ec, "west", &wc), ("west", &wc, "east", &ec)]
+    {
         let in_winner: i64 = winner_c
             .query_one(
                 "SELECT count(*) FROM cdc_sink_dlq d JOIN kv ON kv.k = (d.data_after->>'k')::int8
@@ -173,11 +211,17 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
             .unwrap()
             .get(0);
         let won: i64 = winner_c
-            .query_one("SELECT count(*) FROM kv WHERE k < $1 AND _source = $2", &[&phase1, &winner])
+            .query_one(
+                "SELECT count(*) FROM kv WHERE k < $1 AND _source = $2",
+                &[&phase1, &winner],
+            )
             .await
             .unwrap()
             .get(0);
-        assert_eq!(in_winner, won, "{winner} won {won} phase-1 keys; its DLQ must hold each {loser} version once");
+        assert_eq!(
+            in_winner, won,
+            "{winner} won {won} phase-1 keys; its DLQ must hold each {loser} version once"
+        );
         let in_loser: i64 = loser_c
             .query_one(
                 "SELECT count(*) FROM cdc_sink_dlq WHERE (data_after->>'k')::int8 IN
@@ -187,7 +231,10 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(in_loser, 0, "{loser} lost those keys: nothing of them belongs in its DLQ");
+        assert_eq!(
+            in_loser, 0,
+            "{loser} lost those keys: nothing of them belongs in its DLQ"
+        );
     }
     // Everywhere: nothing twice in a DLQ (replays after the kill and restart),
     // and every DLQ row is older than the row that stands.
@@ -196,8 +243,15 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
         assert_eq!(dups, 0, "{name} DLQ holds a change twice");
         let bad: i64 = c.query_one(DLQ_NOT_LOSERS, &[]).await.unwrap().get(0);
         assert_eq!(bad, 0, "{name} DLQ holds a change that should have won");
-        let total: i64 = c.query_one("SELECT count(*) FROM cdc_sink_dlq", &[]).await.unwrap().get(0);
-        assert!(total > 0, "{name} DLQ is empty although both sides wrote the same keys");
+        let total: i64 = c
+            .query_one("SELECT count(*) FROM cdc_sink_dlq", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            total > 0,
+            "{name} DLQ is empty although both sides wrote the same keys"
+        );
     }
     cf_east.stop().await.unwrap();
     cf_west.stop().await.unwrap();

@@ -35,7 +35,11 @@ fn read(rel: &str) -> String {
 
 fn fail_if_any(what: &str, errors: &[String]) {
     if !errors.is_empty() {
-        panic!("{what}: {} problem(s):\n  - {}", errors.len(), errors.join("\n  - "));
+        panic!(
+            "{what}: {} problem(s):\n  - {}",
+            errors.len(),
+            errors.join("\n  - ")
+        );
     }
 }
 
@@ -120,7 +124,11 @@ fn interpolations(s: &str) -> Vec<(String, bool)> {
 }
 
 /// Replaces compose interpolations with .env values or defaults; `$$` → `$`.
-fn interpolate(s: &str, env: &BTreeMap<String, String>, overrides: &BTreeMap<&str, &str>) -> String {
+fn interpolate(
+    s: &str,
+    env: &BTreeMap<String, String>,
+    overrides: &BTreeMap<&str, &str>,
+) -> String {
     let mut out = String::new();
     let mut rest = s;
     while let Some(p) = rest.find('$') {
@@ -175,14 +183,22 @@ fn ystr<'a>(v: &'a Y, key: &str) -> Option<&'a str> {
 fn argv(v: &Y) -> Vec<String> {
     match v {
         Y::String(s) => s.split_whitespace().map(str::to_string).collect(),
-        Y::Sequence(seq) => seq.iter().filter_map(Y::as_str).map(str::to_string).collect(),
+        Y::Sequence(seq) => seq
+            .iter()
+            .filter_map(Y::as_str)
+            .map(str::to_string)
+            .collect(),
         _ => vec![],
     }
 }
 
 fn depends_on(svc: &Y) -> Vec<(String, Option<String>)> {
     match svc.get("depends_on") {
-        Some(Y::Sequence(s)) => s.iter().filter_map(Y::as_str).map(|d| (d.to_string(), None)).collect(),
+        Some(Y::Sequence(s)) => s
+            .iter()
+            .filter_map(Y::as_str)
+            .map(|d| (d.to_string(), None))
+            .collect(),
         Some(Y::Mapping(m)) => m
             .iter()
             .map(|(k, v)| {
@@ -204,9 +220,19 @@ fn profiles(svc: &Y) -> Vec<String> {
 }
 
 /// Bind mounts of a service: (container path, host path relative to the repo).
-fn binds(name: &str, svc: &Y, named_volumes: &BTreeSet<String>, errors: &mut Vec<String>) -> Vec<(String, PathBuf)> {
+fn binds(
+    name: &str,
+    svc: &Y,
+    named_volumes: &BTreeSet<String>,
+    errors: &mut Vec<String>,
+) -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
-    for v in svc.get("volumes").and_then(Y::as_sequence).into_iter().flatten() {
+    for v in svc
+        .get("volumes")
+        .and_then(Y::as_sequence)
+        .into_iter()
+        .flatten()
+    {
         let (source, target, kind) = match v {
             Y::String(s) => {
                 let parts: Vec<&str> = s.split(':').collect();
@@ -214,7 +240,10 @@ fn binds(name: &str, svc: &Y, named_volumes: &BTreeSet<String>, errors: &mut Vec
                     errors.push(format!("{name}: anonymous volume {s:?}"));
                     continue;
                 }
-                let kind = if parts[0].starts_with('.') || parts[0].starts_with('/') || parts[0].starts_with('~') {
+                let kind = if parts[0].starts_with('.')
+                    || parts[0].starts_with('/')
+                    || parts[0].starts_with('~')
+                {
                     "bind"
                 } else {
                     "volume"
@@ -230,7 +259,9 @@ fn binds(name: &str, svc: &Y, named_volumes: &BTreeSet<String>, errors: &mut Vec
         };
         if kind == "bind" {
             if !source.starts_with('.') {
-                errors.push(format!("{name}: bind mount {source:?} is not relative to the compose file"));
+                errors.push(format!(
+                    "{name}: bind mount {source:?} is not relative to the compose file"
+                ));
                 continue;
             }
             let host = root().join(&source);
@@ -239,7 +270,9 @@ fn binds(name: &str, svc: &Y, named_volumes: &BTreeSet<String>, errors: &mut Vec
             }
             out.push((target, PathBuf::from(source)));
         } else if !named_volumes.contains(&source) {
-            errors.push(format!("{name}: volume {source:?} is not declared under top-level volumes"));
+            errors.push(format!(
+                "{name}: volume {source:?} is not declared under top-level volumes"
+            ));
         }
     }
     out
@@ -286,17 +319,28 @@ fn compose_refers_only_to_things_that_exist() {
     for s in &strings {
         for (var, has_default) in interpolations(s) {
             if !has_default && !env.contains_key(&var) {
-                errors.push(format!("variable ${{{var}}} has no default and is not set in .env"));
+                errors.push(format!(
+                    "variable ${{{var}}} has no default and is not set in .env"
+                ));
             }
             used_vars.insert(var);
         }
     }
     for k in env.keys() {
         if !used_vars.contains(k) {
-            errors.push(format!(".env sets {k}, which docker-compose.yml never uses"));
+            errors.push(format!(
+                ".env sets {k}, which docker-compose.yml never uses"
+            ));
         }
     }
-    for k in ["CDC_ARGS", "START_EAST", "START_WEST", "DURATION", "RATE", "GRAFANA_ADMIN_PASSWORD"] {
+    for k in [
+        "CDC_ARGS",
+        "START_EAST",
+        "START_WEST",
+        "DURATION",
+        "RATE",
+        "GRAFANA_ADMIN_PASSWORD",
+    ] {
         if !env.contains_key(k) {
             errors.push(format!(".env does not set {k}"));
         }
@@ -313,7 +357,9 @@ fn compose_refers_only_to_things_that_exist() {
                 let p = profiles(svc);
                 let want: Vec<String> = profile.iter().map(|s| s.to_string()).collect();
                 if p != want {
-                    errors.push(format!("service {name} has profiles {p:?}, expected {want:?}"));
+                    errors.push(format!(
+                        "service {name} has profiles {p:?}, expected {want:?}"
+                    ));
                 }
             }
         }
@@ -330,14 +376,19 @@ fn compose_refers_only_to_things_that_exist() {
         if let Some(b) = svc.get("build") {
             let (ctx, dockerfile) = match b {
                 Y::String(s) => (s.as_str(), "Dockerfile"),
-                _ => (ystr(b, "context").unwrap_or("."), ystr(b, "dockerfile").unwrap_or("Dockerfile")),
+                _ => (
+                    ystr(b, "context").unwrap_or("."),
+                    ystr(b, "dockerfile").unwrap_or("Dockerfile"),
+                ),
             };
             let ctx_path = root().join(ctx);
             if !ctx_path.is_dir() {
                 errors.push(format!("{name}: build context {ctx} is not a directory"));
             }
             if !ctx_path.join(dockerfile).is_file() {
-                errors.push(format!("{name}: Dockerfile {ctx}/{dockerfile} does not exist"));
+                errors.push(format!(
+                    "{name}: Dockerfile {ctx}/{dockerfile} does not exist"
+                ));
             }
             if let Some(img) = ystr(svc, "image") {
                 built_images.insert(img.to_string());
@@ -369,13 +420,17 @@ fn compose_refers_only_to_things_that_exist() {
                 continue;
             };
             if profiles(svc).is_empty() && !profiles(d).is_empty() {
-                errors.push(format!("{name} (no profile) depends on {dep}, which only starts with a profile"));
+                errors.push(format!(
+                    "{name} (no profile) depends on {dep}, which only starts with a profile"
+                ));
             }
             match cond.as_deref() {
                 None | Some("service_started") | Some("service_completed_successfully") => {}
                 Some("service_healthy") => {
                     if d.get("healthcheck").is_none() {
-                        errors.push(format!("{name} waits for {dep} to be healthy, but {dep} has no healthcheck"));
+                        errors.push(format!(
+                            "{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
+                        ));
                     }
                 }
                 Some(c) => errors.push(format!("{name}: unknown depends_on condition {c:?}")),
@@ -414,7 +469,11 @@ fn compose_refers_only_to_things_that_exist() {
                     if let Some(rest) = path.strip_prefix(target) {
                         if rest.is_empty() || rest.starts_with('/') {
                             let rel = rest.trim_start_matches('/');
-                            let h = if rel.is_empty() { root().join(host) } else { root().join(host).join(rel) };
+                            let h = if rel.is_empty() {
+                                root().join(host)
+                            } else {
+                                root().join(host).join(rel)
+                            };
                             if !h.exists() {
                                 errors.push(format!(
                                     "{name}: {path} is {} on the host, which does not exist",
@@ -431,7 +490,10 @@ fn compose_refers_only_to_things_that_exist() {
     // Clusters: logical decoding and health checks.
     for name in ["east", "west"] {
         if let Some(svc) = services.get(name) {
-            if !argv(svc.get("command").unwrap_or(&Y::Null)).iter().any(|a| a == "wal_level=logical") {
+            if !argv(svc.get("command").unwrap_or(&Y::Null))
+                .iter()
+                .any(|a| a == "wal_level=logical")
+            {
                 errors.push(format!("{name}: command does not set wal_level=logical"));
             }
             if svc.get("healthcheck").is_none() {
@@ -444,13 +506,21 @@ fn compose_refers_only_to_things_that_exist() {
     // without CDC_ARGS, and the receivers pass CDC_ARGS through.
     let mut metrics_ports = BTreeMap::new();
     for (name, sub, _) in MERIDIAN_SERVICES {
-        let Some(svc) = services.get(*name) else { continue };
+        let Some(svc) = services.get(*name) else {
+            continue;
+        };
         let raw = svc.get("command").cloned().unwrap_or(Y::Null);
         let raw_text = argv(&raw).join(" ");
         if *sub == "start" && !raw_text.contains("CDC_ARGS") {
-            errors.push(format!("{name}: command does not pass ${{CDC_ARGS}} through"));
+            errors.push(format!(
+                "{name}: command does not pass ${{CDC_ARGS}} through"
+            ));
         }
-        let variants: &[&str] = if *sub == "start" { &["", "--bestEffortOnly"] } else { &[""] };
+        let variants: &[&str] = if *sub == "start" {
+            &["", "--bestEffortOnly"]
+        } else {
+            &[""]
+        };
         for cdc_args in variants.iter().copied() {
             let mut over = BTreeMap::new();
             over.insert("CDC_ARGS", cdc_args);
@@ -475,7 +545,9 @@ fn compose_refers_only_to_things_that_exist() {
             }
         }
         if !metrics_ports.contains_key(*name) {
-            errors.push(format!("{name}: no --metricsAddr, so Prometheus cannot scrape it"));
+            errors.push(format!(
+                "{name}: no --metricsAddr, so Prometheus cannot scrape it"
+            ));
         }
     }
 
@@ -488,11 +560,16 @@ fn compose_refers_only_to_things_that_exist() {
         .collect();
     for line in read("Dockerfile").lines() {
         let line = line.trim();
-        let Some(rest) = line.strip_prefix("COPY ") else { continue };
+        let Some(rest) = line.strip_prefix("COPY ") else {
+            continue;
+        };
         if rest.contains("--from=") {
             continue;
         }
-        let parts: Vec<&str> = rest.split_whitespace().filter(|p| !p.starts_with("--")).collect();
+        let parts: Vec<&str> = rest
+            .split_whitespace()
+            .filter(|p| !p.starts_with("--"))
+            .collect();
         for src in &parts[..parts.len().saturating_sub(1)] {
             let src = src.trim_end_matches('/');
             if src != "." && !root().join(src).exists() {
@@ -500,31 +577,54 @@ fn compose_refers_only_to_things_that_exist() {
             }
             let first = src.split('/').next().unwrap_or_default();
             if src != "." && ignore.iter().any(|i| i == first) {
-                errors.push(format!("Dockerfile: COPY {src}, but .dockerignore excludes it"));
+                errors.push(format!(
+                    "Dockerfile: COPY {src}, but .dockerignore excludes it"
+                ));
             }
         }
     }
     for needed in ["src", "Cargo.toml", "Cargo.lock", "userscripts"] {
         if ignore.iter().any(|i| i == needed) {
-            errors.push(format!(".dockerignore excludes {needed}, which the build needs"));
+            errors.push(format!(
+                ".dockerignore excludes {needed}, which the build needs"
+            ));
         }
     }
 
     // Prometheus: one target per meridian service, on its metrics port, with
     // static region/component labels.
-    let prom: Y = serde_yaml::from_str(&read("prometheus/prometheus.yml")).expect("prometheus.yml is YAML");
+    let prom: Y =
+        serde_yaml::from_str(&read("prometheus/prometheus.yml")).expect("prometheus.yml is YAML");
     let mut scraped = BTreeSet::new();
-    for job in prom.get("scrape_configs").and_then(Y::as_sequence).into_iter().flatten() {
-        for sc in job.get("static_configs").and_then(Y::as_sequence).into_iter().flatten() {
+    for job in prom
+        .get("scrape_configs")
+        .and_then(Y::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        for sc in job
+            .get("static_configs")
+            .and_then(Y::as_sequence)
+            .into_iter()
+            .flatten()
+        {
             let labels = sc.get("labels");
-            for t in sc.get("targets").and_then(Y::as_sequence).into_iter().flatten() {
+            for t in sc
+                .get("targets")
+                .and_then(Y::as_sequence)
+                .into_iter()
+                .flatten()
+            {
                 let t = t.as_str().unwrap_or_default();
                 let (host, port) = t.rsplit_once(':').unwrap_or((t, ""));
                 if host == "localhost" {
                     continue;
                 }
-                let Some((_, _, region)) = MERIDIAN_SERVICES.iter().find(|(n, _, _)| *n == host) else {
-                    errors.push(format!("prometheus.yml: target {t} is not a meridian service"));
+                let Some((_, _, region)) = MERIDIAN_SERVICES.iter().find(|(n, _, _)| *n == host)
+                else {
+                    errors.push(format!(
+                        "prometheus.yml: target {t} is not a meridian service"
+                    ));
                     continue;
                 };
                 scraped.insert(host.to_string());
@@ -534,7 +634,12 @@ fn compose_refers_only_to_things_that_exist() {
                         metrics_ports.get(host)
                     ));
                 }
-                let l = |k: &str| labels.and_then(|l| ystr(l, k)).unwrap_or_default().to_string();
+                let l = |k: &str| {
+                    labels
+                        .and_then(|l| ystr(l, k))
+                        .unwrap_or_default()
+                        .to_string()
+                };
                 if l("region") != *region || l("component") != host {
                     errors.push(format!(
                         "prometheus.yml: target {t} should have region={region}, component={host}; has region={:?}, component={:?}",
@@ -553,7 +658,8 @@ fn compose_refers_only_to_things_that_exist() {
 
     // Grafana: the data source uid the dashboard uses is provisioned; the
     // dashboard provider reads the directory compose mounts the dashboard in.
-    let ds: Y = serde_yaml::from_str(&read("grafana/provisioning/datasources/prometheus.yml")).unwrap();
+    let ds: Y =
+        serde_yaml::from_str(&read("grafana/provisioning/datasources/prometheus.yml")).unwrap();
     let ds_uids: BTreeSet<String> = ds
         .get("datasources")
         .and_then(Y::as_sequence)
@@ -565,14 +671,25 @@ fn compose_refers_only_to_things_that_exist() {
     let mut dash_uids = BTreeSet::new();
     collect_datasource_uids(&dash, &mut dash_uids);
     for u in dash_uids.difference(&ds_uids) {
-        errors.push(format!("dashboard uses data source uid {u:?}, which is not provisioned"));
+        errors.push(format!(
+            "dashboard uses data source uid {u:?}, which is not provisioned"
+        ));
     }
-    let prov: Y = serde_yaml::from_str(&read("grafana/provisioning/dashboards/meridian.yml")).unwrap();
+    let prov: Y =
+        serde_yaml::from_str(&read("grafana/provisioning/dashboards/meridian.yml")).unwrap();
     if let Some(grafana) = services.get("grafana") {
         let mut e2 = Vec::new();
         let gb = binds("grafana", grafana, &named_volumes, &mut e2);
-        for p in prov.get("providers").and_then(Y::as_sequence).into_iter().flatten() {
-            let path = p.get("options").and_then(|o| ystr(o, "path")).unwrap_or_default();
+        for p in prov
+            .get("providers")
+            .and_then(Y::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let path = p
+                .get("options")
+                .and_then(|o| ystr(o, "path"))
+                .unwrap_or_default();
             match gb.iter().find(|(t, _)| t == path) {
                 Some((_, host)) if root().join(host).join("meridian.json").is_file() => {}
                 _ => errors.push(format!(
@@ -590,22 +707,34 @@ fn compose_refers_only_to_things_that_exist() {
             if *w == "--profile" {
                 if let Some(p) = words.get(i + 1) {
                     if !PROFILES.contains(p) {
-                        errors.push(format!("docs/deployment.md: unknown profile {p} in `{line}`"));
+                        errors.push(format!(
+                            "docs/deployment.md: unknown profile {p} in `{line}`"
+                        ));
                     }
                 }
             }
             if *w == "run" || *w == "port" {
-                let rest: Vec<&&str> = words[i + 1..].iter().filter(|w| !w.starts_with('-')).collect();
+                let rest: Vec<&&str> = words[i + 1..]
+                    .iter()
+                    .filter(|w| !w.starts_with('-'))
+                    .collect();
                 if let Some(s) = rest.first() {
                     let s = s.trim_matches('`');
                     if !services.contains_key(s) {
-                        errors.push(format!("docs/deployment.md: `{line}` names service {s}, which does not exist"));
+                        errors.push(format!(
+                            "docs/deployment.md: `{line}` names service {s}, which does not exist"
+                        ));
                     }
                 }
             }
         }
     }
-    for needle in ["docker compose port grafana 3000", "/d/meridian", "cdc_sink_dlq", "CDC_ARGS"] {
+    for needle in [
+        "docker compose port grafana 3000",
+        "/d/meridian",
+        "cdc_sink_dlq",
+        "CDC_ARGS",
+    ] {
         if !docs.contains(needle) {
             errors.push(format!("docs/deployment.md does not mention {needle}"));
         }
@@ -661,7 +790,9 @@ fn metrics_from_source() -> BTreeMap<String, MetricDef> {
         let (is_name, histogram, outer) = if let Some(b2) = before.strip_suffix("&r,") {
             let b2 = b2.trim_end();
             (
-                b2.ends_with("counter_vec(") || b2.ends_with("histogram_vec(") || b2.ends_with("gauge("),
+                b2.ends_with("counter_vec(")
+                    || b2.ends_with("histogram_vec(")
+                    || b2.ends_with("gauge("),
                 b2.ends_with("histogram_vec("),
                 false,
             )
@@ -674,7 +805,11 @@ fn metrics_from_source() -> BTreeMap<String, MetricDef> {
         } else {
             (false, false, false)
         };
-        if is_name && lit.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        if is_name
+            && lit
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
             // The call's text (and, for `Opts::new`, the enclosing call's):
             // its label list is `TABLE` or `&["a", "b"]`.
             let mut depth = 1i32;
@@ -705,11 +840,17 @@ fn metrics_from_source() -> BTreeMap<String, MetricDef> {
             }
             let span = &src[end + 1..span_end.unwrap_or(b.len())];
             let mut labels = Vec::new();
-            if span.split(|c: char| !c.is_alphanumeric() && c != '_').any(|w| w == "TABLE") {
+            if span
+                .split(|c: char| !c.is_alphanumeric() && c != '_')
+                .any(|w| w == "TABLE")
+            {
                 labels = vec!["schema".to_string(), "table".to_string()];
             } else if let Some(p) = span.find("&[\"") {
                 let list = &span[p + 2..p + 2 + span[p + 2..].find(']').unwrap()];
-                labels = list.split(',').map(|s| s.trim().trim_matches('"').to_string()).collect();
+                labels = list
+                    .split(',')
+                    .map(|s| s.trim().trim_matches('"').to_string())
+                    .collect();
             }
             out.insert(lit.to_string(), MetricDef { histogram, labels });
         }
@@ -726,11 +867,32 @@ struct Selector {
 }
 
 const AGGREGATORS: &[&str] = &[
-    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group",
-    "limitk", "limit_ratio",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+    "limitk",
+    "limit_ratio",
 ];
-const KEYWORDS: &[&str] = &["and", "or", "unless", "bool", "offset", "inf", "nan", "atan2"];
-const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+const KEYWORDS: &[&str] = &[
+    "and", "or", "unless", "bool", "offset", "inf", "nan", "atan2",
+];
+const GROUPING: &[&str] = &[
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
 
 /// Metric selectors of a PromQL expression (a small tokenizer: skips strings,
 /// label matchers, ranges, grouping clauses, functions and keywords).
@@ -801,7 +963,10 @@ fn selectors(expr: &str) -> Vec<Selector> {
                 } else {
                     String::new()
                 };
-                out.push(Selector { name: word, matchers });
+                out.push(Selector {
+                    name: word,
+                    matchers,
+                });
             }
         } else {
             i += 1;
@@ -817,9 +982,16 @@ fn dashboard_exprs(dash: &J) -> Vec<(String, String)> {
     fn walk(v: &J, title: &str, out: &mut Vec<(String, String)>) {
         match v {
             J::Object(m) => {
-                let title = m.get("title").and_then(J::as_str).unwrap_or(title).to_string();
+                let title = m
+                    .get("title")
+                    .and_then(J::as_str)
+                    .unwrap_or(title)
+                    .to_string();
                 if let (Some(J::String(e)), Some(r)) = (m.get("expr"), m.get("refId")) {
-                    out.push((format!("panel {title:?} target {}", r.as_str().unwrap_or("?")), e.clone()));
+                    out.push((
+                        format!("panel {title:?} target {}", r.as_str().unwrap_or("?")),
+                        e.clone(),
+                    ));
                 }
                 for (k, x) in m {
                     if k != "templating" {
@@ -833,11 +1005,22 @@ fn dashboard_exprs(dash: &J) -> Vec<(String, String)> {
     }
     walk(dash, "", &mut out);
     for var in dash["templating"]["list"].as_array().into_iter().flatten() {
-        let q = var["query"]["query"].as_str().or_else(|| var["query"].as_str()).unwrap_or_default();
+        let q = var["query"]["query"]
+            .as_str()
+            .or_else(|| var["query"].as_str())
+            .unwrap_or_default();
         let name = var["name"].as_str().unwrap_or_default();
-        if let Some(inner) = q.strip_prefix("label_values(").and_then(|r| r.strip_suffix(')')) {
-            let (sel, label) = inner.rsplit_once(',').expect("label_values(selector, label)");
-            out.push((format!("variable ${name}"), format!("count by ({}) ({})", label.trim(), sel.trim())));
+        if let Some(inner) = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+        {
+            let (sel, label) = inner
+                .rsplit_once(',')
+                .expect("label_values(selector, label)");
+            out.push((
+                format!("variable ${name}"),
+                format!("count by ({}) ({})", label.trim(), sel.trim()),
+            ));
         } else if !q.is_empty() {
             out.push((format!("variable ${name}"), q.to_string()));
         }
@@ -859,10 +1042,17 @@ fn dashboard_queries_use_only_metrics_from_src_metrics_rs() {
     let dash = load_dashboard();
     let mut errors = Vec::new();
     if dash["uid"] != "meridian" {
-        errors.push(format!("dashboard uid is {}, expected \"meridian\" (served at /d/meridian)", dash["uid"]));
+        errors.push(format!(
+            "dashboard uid is {}, expected \"meridian\" (served at /d/meridian)",
+            dash["uid"]
+        ));
     }
     let exprs = dashboard_exprs(&dash);
-    assert!(exprs.len() > 20, "too few expressions found: {}", exprs.len());
+    assert!(
+        exprs.len() > 20,
+        "too few expressions found: {}",
+        exprs.len()
+    );
     let mut used = BTreeSet::new();
     for (place, expr) in &exprs {
         let sels = selectors(expr);
@@ -879,25 +1069,49 @@ fn dashboard_queries_use_only_metrics_from_src_metrics_rs() {
                 .filter(|(b, _)| defs.get(b).is_some_and(|d| d.histogram))
                 .unwrap_or((s.name.clone(), ""));
             let Some(def) = defs.get(&base) else {
-                errors.push(format!("{place}: metric {} is not defined in src/metrics.rs", s.name));
+                errors.push(format!(
+                    "{place}: metric {} is not defined in src/metrics.rs",
+                    s.name
+                ));
                 continue;
             };
             used.insert(base.clone());
             if def.histogram && suffix.is_empty() {
-                errors.push(format!("{place}: histogram {base} used without _bucket/_sum/_count"));
+                errors.push(format!(
+                    "{place}: histogram {base} used without _bucket/_sum/_count"
+                ));
             }
-            if def.histogram && s.name.ends_with("_bucket") && !expr.contains("le)") && !expr.contains("le,") {
-                errors.push(format!("{place}: {} aggregated without keeping `le`", s.name));
+            if def.histogram
+                && s.name.ends_with("_bucket")
+                && !expr.contains("le)")
+                && !expr.contains("le,")
+            {
+                errors.push(format!(
+                    "{place}: {} aggregated without keeping `le`",
+                    s.name
+                ));
             }
             let has_table = def.labels.iter().any(|l| l == "table");
             if !s.matchers.contains("region=~\"$region\"") {
-                errors.push(format!("{place}: {} is not filtered by region=~\"$region\"", s.name));
+                errors.push(format!(
+                    "{place}: {} is not filtered by region=~\"$region\"",
+                    s.name
+                ));
             }
-            if has_table && !place.starts_with("variable") && !s.matchers.contains("table=~\"$table\"") {
-                errors.push(format!("{place}: {} has a table label but is not filtered by table=~\"$table\"", s.name));
+            if has_table
+                && !place.starts_with("variable")
+                && !s.matchers.contains("table=~\"$table\"")
+            {
+                errors.push(format!(
+                    "{place}: {} has a table label but is not filtered by table=~\"$table\"",
+                    s.name
+                ));
             }
             if !has_table && s.matchers.contains("table") {
-                errors.push(format!("{place}: {} has no table label but is filtered by table", s.name));
+                errors.push(format!(
+                    "{place}: {} has no table label but is filtered by table",
+                    s.name
+                ));
             }
         }
     }
@@ -911,7 +1125,10 @@ fn dashboard_queries_use_only_metrics_from_src_metrics_rs() {
         for t in p["targets"].as_array().into_iter().flatten() {
             let legend = t["legendFormat"].as_str().unwrap_or_default();
             if !legend.contains("{{region}}") {
-                errors.push(format!("panel {:?}: legend {legend:?} does not show the region", p["title"]));
+                errors.push(format!(
+                    "panel {:?}: legend {legend:?} does not show the region",
+                    p["title"]
+                ));
             }
         }
     }
@@ -958,7 +1175,10 @@ impl Drop for Reaper {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        eprintln!("{} did not stop on SIGTERM; killing its process group", self.name);
+        eprintln!(
+            "{} did not stop on SIGTERM; killing its process group",
+            self.name
+        );
         // spawned with process_group(0): its pgid is its pid
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(-(self.child.id() as i32)),
@@ -990,13 +1210,19 @@ fn prometheus_binary() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -1006,11 +1232,21 @@ fn urlencode(s: &str) -> String {
 fn http_get(port: u16, path_and_query: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path_and_query} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path_and_query} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+    )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -1053,7 +1289,10 @@ fn dashboard_queries_return_series_from_a_live_demo() {
     let started = Instant::now();
     let prometheus = prometheus_binary();
     let exe = env!("CARGO_BIN_EXE_meridian");
-    let help = Command::new(exe).args(["demo", "--help"]).output().expect("run meridian");
+    let help = Command::new(exe)
+        .args(["demo", "--help"])
+        .output()
+        .expect("run meridian");
     assert!(
         help.status.success(),
         "`meridian demo` is not available yet, so there is no live east/west run to scrape:\n{}",
@@ -1063,7 +1302,15 @@ fn dashboard_queries_return_series_from_a_live_demo() {
     let dir = tempfile::tempdir().unwrap();
     let demo_log = dir.path().join("demo.log");
     let mut demo = Command::new(exe)
-        .args(["demo", "--duration", "90s", "--rate", "100", "--keep", "--dataDir"])
+        .args([
+            "demo",
+            "--duration",
+            "90s",
+            "--rate",
+            "100",
+            "--keep",
+            "--dataDir",
+        ])
         .arg(dir.path().join("demo"))
         .process_group(0)
         .stdin(Stdio::null())
@@ -1072,7 +1319,10 @@ fn dashboard_queries_return_series_from_a_live_demo() {
         .spawn()
         .expect("spawn meridian demo");
     let stdout = demo.stdout.take().unwrap();
-    let mut demo = Reaper { name: "meridian demo", child: demo };
+    let mut demo = Reaper {
+        name: "meridian demo",
+        child: demo,
+    };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -1137,7 +1387,10 @@ fn dashboard_queries_return_series_from_a_live_demo() {
     let prom_log = dir.path().join("prometheus.log");
     let prom = Command::new(&prometheus)
         .arg(format!("--config.file={}", config_path.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .arg("--log.level=warn")
         .process_group(0)
@@ -1146,11 +1399,17 @@ fn dashboard_queries_return_series_from_a_live_demo() {
         .stderr(std::fs::File::create(&prom_log).unwrap())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", prometheus.display()));
-    let mut prom = Reaper { name: "prometheus", child: prom };
+    let mut prom = Reaper {
+        name: "prometheus",
+        child: prom,
+    };
 
     let check_alive = |demo: &mut Reaper, prom: &mut Reaper| {
         if let Ok(Some(st)) = demo.child.try_wait() {
-            panic!("meridian demo exited early ({st}); its log:\n{}", tail(&demo_log));
+            panic!(
+                "meridian demo exited early ({st}); its log:\n{}",
+                tail(&demo_log)
+            );
         }
         if let Ok(Some(st)) = prom.child.try_wait() {
             panic!("prometheus exited ({st}); its log:\n{}", tail(&prom_log));
@@ -1164,7 +1423,11 @@ fn dashboard_queries_return_series_from_a_live_demo() {
         if matches!(http_get(port, "/-/ready"), Ok((200, _))) {
             break;
         }
-        assert!(Instant::now() < until, "prometheus not ready in 20s:\n{}", tail(&prom_log));
+        assert!(
+            Instant::now() < until,
+            "prometheus not ready in 20s:\n{}",
+            tail(&prom_log)
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     let until = Instant::now() + Duration::from_secs(20);
@@ -1185,7 +1448,8 @@ fn dashboard_queries_return_series_from_a_live_demo() {
     // runs. Invalid expressions fail at once; empty ones get until the deadline.
     let exprs = dashboard_exprs(&load_dashboard());
     let first_eval = Instant::now() + Duration::from_secs(10);
-    let deadline = (Instant::now() + Duration::from_secs(60)).min(started + Duration::from_secs(110));
+    let deadline =
+        (Instant::now() + Duration::from_secs(60)).min(started + Duration::from_secs(110));
     while Instant::now() < first_eval {
         check_alive(&mut demo, &mut prom);
         std::thread::sleep(Duration::from_millis(500));
@@ -1216,14 +1480,19 @@ fn dashboard_queries_return_series_from_a_live_demo() {
         // What the demo did export, to tell a missing metric from a wrong query.
         let exported = match http_get(
             port,
-            &format!("/api/v1/query?query={}", urlencode("count by (__name__, component) ({job=\"meridian\"})")),
+            &format!(
+                "/api/v1/query?query={}",
+                urlencode("count by (__name__, component) ({job=\"meridian\"})")
+            ),
         ) {
             Ok((_, b)) => serde_json::from_str::<J>(&b)
                 .ok()
                 .and_then(|j| {
                     j["data"]["result"].as_array().map(|a| {
                         a.iter()
-                            .map(|r| format!("{}@{}", r["metric"]["__name__"], r["metric"]["component"]))
+                            .map(|r| {
+                                format!("{}@{}", r["metric"]["__name__"], r["metric"]["component"])
+                            })
                             .collect::<Vec<_>>()
                             .join(" ")
                     })

@@ -14,7 +14,8 @@ async fn plain_upserts_without_userscript() {
     let (status, text) = f.post("/plain_upserts/public", body).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(
-        f.dump("SELECT k, v, _source, _timestamp FROM kv ORDER BY k").await,
+        f.dump("SELECT k, v, _source, _timestamp FROM kv ORDER BY k")
+            .await,
         vec![
             "1|\\x01|east|2026-01-01 00:00:01+00",
             "2|\\x0102|east|2026-01-01 00:00:01+00"
@@ -27,7 +28,6 @@ const CAS_DLQ: &str = r#"
 import * as api from "replicator@v1";
 api.configureTable("kv", { cas: ["_timestamp"], merge: api.standardMerge(() => ({ dlq: "kv" })) });
 "#;
-
 
 #[tokio::test]
 async fn values_convert_by_column_type() {
@@ -68,7 +68,8 @@ async fn table_route_and_other_database() {
         .await
         .unwrap();
     // No topic in the payload: the URL names the table.
-    let body = r#"{"payload":[{"after":{"id":7,"name":"seven"},"key":[7],"updated":"5.0"}],"length":1}"#;
+    let body =
+        r#"{"payload":[{"after":{"id":7,"name":"seven"},"key":[7],"updated":"5.0"}],"length":1}"#;
     let (status, text) = f.post("/route_other/app/items", body).await;
     assert_eq!(status, 200, "{text}");
     let name: String = other_db
@@ -106,13 +107,25 @@ async fn cas_newer_wins_older_goes_to_dlq() {
     // Replaying the same request changes nothing and adds nothing to the DLQ.
     let (status, _) = f.post("/cas_win_loss/public", body).await;
     assert_eq!(status, 200);
-    assert_eq!(f.dump("SELECT k, v, _source FROM kv ORDER BY k").await, rows);
+    assert_eq!(
+        f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
+        rows
+    );
     assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 1);
 
     let metrics = f.metrics().await;
-    assert!(metrics.contains(r#"apply_upserts_total{schema="public",table="kv"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"dlq_enqueued_total{schema="public",table="kv"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"http_status_codes_total{code="200"} 2"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"apply_upserts_total{schema="public",table="kv"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"dlq_enqueued_total{schema="public",table="kv"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"http_status_codes_total{code="200"} 2"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -123,13 +136,19 @@ async fn cas_loss_without_merge_is_discarded_and_counted() {
     let f = fixture("cas_nomerge", KV_SCHEMA, &["--userscript", &path]).await;
     seed_row(&f, 1, "aa", "west", T2).await;
     let (status, text) = f
-        .post("/cas_nomerge/public", batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .post(
+            "/cas_nomerge/public",
+            batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
+        )
         .await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(f.dump("SELECT k, v FROM kv").await, vec!["1|\\xaa"]);
     assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
     let metrics = f.metrics().await;
-    assert!(metrics.contains(r#"apply_conflicts_total{schema="public",table="kv"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"apply_conflicts_total{schema="public",table="kv"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -180,21 +199,44 @@ async fn standard_merge_three_way_and_fallbacks() {
     // b changed on both sides (before b0, stored b1, proposed b2): unmerged,
     // and `docs` has no fallback: the request fails naming table, key, column.
     let before_all = f.dump("SELECT * FROM docs").await;
-    let (status, text) = f.post("/std_merge/public", batch(&[row("docs", "a1", "b2")])).await;
+    let (status, text) = f
+        .post("/std_merge/public", batch(&[row("docs", "a1", "b2")]))
+        .await;
     assert_eq!(status, 400, "{text}");
-    assert!(text.contains("docs") && text.contains("[1]") && text.contains('b'), "{text}");
+    assert!(
+        text.contains("docs") && text.contains("[1]") && text.contains('b'),
+        "{text}"
+    );
     assert_eq!(f.dump("SELECT * FROM docs").await, before_all);
     // Only a changed (before == stored) and b already equal: merges.
-    let (status, text) = f.post("/std_merge/public", batch(&[row("docs", "a1", "b1")])).await;
+    let (status, text) = f
+        .post("/std_merge/public", batch(&[row("docs", "a1", "b1")]))
+        .await;
     assert_eq!(status, 200, "{text}");
-    assert_eq!(f.dump("SELECT id, a, b, ts FROM docs").await, vec!["1|a1|b1|20"]);
+    assert_eq!(
+        f.dump("SELECT id, a, b, ts FROM docs").await,
+        vec!["1|a1|b1|20"]
+    );
     // Fallbacks decide for unmerged rows.
-    let body = batch(&[row("apply_fb", "a1", "b2"), row("drop_fb", "a1", "b2"), row("custom", "a1", "b2")]);
+    let body = batch(&[
+        row("apply_fb", "a1", "b2"),
+        row("drop_fb", "a1", "b2"),
+        row("custom", "a1", "b2"),
+    ]);
     let (status, text) = f.post("/std_merge/public", body).await;
     assert_eq!(status, 200, "{text}");
-    assert_eq!(f.dump("SELECT id, a, b, ts FROM apply_fb").await, vec!["1|fallback|b1|20"]);
-    assert_eq!(f.dump("SELECT id, a, b, ts FROM drop_fb").await, vec!["1|a0|b1|20"]);
-    assert_eq!(f.dump("SELECT id, a, b, ts FROM custom").await, vec!["1|a0|b1|20"]);
+    assert_eq!(
+        f.dump("SELECT id, a, b, ts FROM apply_fb").await,
+        vec!["1|fallback|b1|20"]
+    );
+    assert_eq!(
+        f.dump("SELECT id, a, b, ts FROM drop_fb").await,
+        vec!["1|a0|b1|20"]
+    );
+    assert_eq!(
+        f.dump("SELECT id, a, b, ts FROM custom").await,
+        vec!["1|a0|b1|20"]
+    );
     assert_eq!(
         f.dump("SELECT dlq_name, source_nanos, source_logical, data_after->>'b', data_before->>'b' FROM cdc_sink_dlq").await,
         vec!["custom-1|3|2|b2|b0"]
@@ -208,7 +250,10 @@ async fn typed_comparison_makes_replays_no_ops() {
     seed_row(&f, 1, "01", "east", "2026-01-01 00:00:01+00").await;
     // Same row in other spellings: hex escape and RFC 3339: not a conflict.
     let (status, text) = f
-        .post("/typed_cmp/public", batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .post(
+            "/typed_cmp/public",
+            batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
+        )
         .await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
@@ -225,7 +270,10 @@ async fn duplicate_keys_fold_to_highest_updated() {
     ]);
     let (status, text) = f.post("/dup_keys/public", body).await;
     assert_eq!(status, 200, "{text}");
-    assert_eq!(f.dump("SELECT k, v FROM kv ORDER BY k").await, vec!["1|\\x03", "2|\\x02"]);
+    assert_eq!(
+        f.dump("SELECT k, v FROM kv ORDER BY k").await,
+        vec!["1|\\x03", "2|\\x02"]
+    );
 }
 
 #[tokio::test]
@@ -241,7 +289,11 @@ async fn deletes_with_and_without_conflict() {
     let before = |k: i64, v: &str| {
         format!(r#"{{"k":{k},"v":"\\x{v}","_source":"east","_timestamp":"{T1}"}}"#)
     };
-    let body = batch(&[del(1, &before(1, "aa")), del(2, &before(2, "bb")), del(3, "null")]);
+    let body = batch(&[
+        del(1, &before(1, "aa")),
+        del(2, &before(2, "bb")),
+        del(3, "null"),
+    ]);
     let (status, text) = f.post("/deletes/public", body).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(f.dump("SELECT k FROM kv ORDER BY k").await, vec!["2", "3"]);
@@ -281,7 +333,12 @@ async fn deadlines_discard_old_rows() {
 #[tokio::test]
 async fn bad_input_is_rejected_and_changes_nothing() {
     let (_dir, path) = script(CAS_DLQ);
-    let f = fixture("bad_input", KV_SCHEMA, &["--userscript", &path, "--maxBodyBytes", "4096"]).await;
+    let f = fixture(
+        "bad_input",
+        KV_SCHEMA,
+        &["--userscript", &path, "--maxBodyBytes", "4096"],
+    )
+    .await;
     seed_row(&f, 1, "aa", "west", T2).await;
     let snapshot = || async {
         (
@@ -293,12 +350,57 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     let good = kv_row(2, "\\\\x02", "east", T3, None, "1.0");
     let loser = kv_row(1, "\\\\x01", "east", T1, None, "1.0"); // would reach the DLQ
     let cases: Vec<(String, u16, &str)> = vec![
-        (r#"{"payload":[{"after":"#.to_string(), 400, "malformed JSON at line 1"),
-        (batch(&[good.clone(), loser.clone(), kv_row(3, "\\\\x03", "east", T1, None, "1.0").replace("\"topic\":\"kv\"", "\"topic\":\"nope\"")]), 400, "unknown table"),
-        (batch(&[good.clone(), loser.clone(), good.replace("\"k\":2", "\"k\":4,\"zz\":1")]), 400, "unknown column \"zz\""),
-        (batch(&[good.clone(), loser.clone(), good.replace("\"k\":2", "\"k\":\"two\"")]), 400, "\"two\""),
-        (batch(&[good.clone(), loser.clone(), good.replace("\\\\x02", "\\\\xZZ")]), 400, "column \"v\""),
-        (batch(&[good.clone(), loser.clone(), good.replace(T3, "not a time").replace("\"k\":2", "\"k\":5")]), 400, "not a time"),
+        (
+            r#"{"payload":[{"after":"#.to_string(),
+            400,
+            "malformed JSON at line 1",
+        ),
+        (
+            batch(&[
+                good.clone(),
+                loser.clone(),
+                kv_row(3, "\\\\x03", "east", T1, None, "1.0")
+                    .replace("\"topic\":\"kv\"", "\"topic\":\"nope\""),
+            ]),
+            400,
+            "unknown table",
+        ),
+        (
+            batch(&[
+                good.clone(),
+                loser.clone(),
+                good.replace("\"k\":2", "\"k\":4,\"zz\":1"),
+            ]),
+            400,
+            "unknown column \"zz\"",
+        ),
+        (
+            batch(&[
+                good.clone(),
+                loser.clone(),
+                good.replace("\"k\":2", "\"k\":\"two\""),
+            ]),
+            400,
+            "\"two\"",
+        ),
+        (
+            batch(&[
+                good.clone(),
+                loser.clone(),
+                good.replace("\\\\x02", "\\\\xZZ"),
+            ]),
+            400,
+            "column \"v\"",
+        ),
+        (
+            batch(&[
+                good.clone(),
+                loser.clone(),
+                good.replace(T3, "not a time").replace("\"k\":2", "\"k\":5"),
+            ]),
+            400,
+            "not a time",
+        ),
         (batch(&vec![good.clone(); 60]), 413, "maxBodyBytes"),
     ];
     for (body, want, needle) in cases {
@@ -364,7 +466,10 @@ async fn apply_timeout_answers_503_and_rolls_back() {
     let (status, text) = f.post("/apply_timeout/public", body).await;
     assert_eq!(status, 503, "{text}");
     blocker.batch_execute("ROLLBACK").await.unwrap();
-    assert_eq!(f.dump("SELECT k, v FROM kv ORDER BY k").await, vec!["1|\\xaa"]);
+    assert_eq!(
+        f.dump("SELECT k, v FROM kv ORDER BY k").await,
+        vec!["1|\\xaa"]
+    );
 }
 
 #[tokio::test]
@@ -378,21 +483,36 @@ async fn missing_dlq_table_error_gives_create_statement() {
     .await;
     seed_row(&f, 1, "aa", "west", T2).await;
     let (status, text) = f
-        .post("/missing_dlq/public", batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .post(
+            "/missing_dlq/public",
+            batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
+        )
         .await;
     assert_eq!(status, 503, "{text}");
-    assert!(text.contains("CREATE TABLE IF NOT EXISTS \"public\".\"cdc_sink_dlq\""), "{text}");
+    assert!(
+        text.contains("CREATE TABLE IF NOT EXISTS \"public\".\"cdc_sink_dlq\""),
+        "{text}"
+    );
     assert_eq!(f.dump("SELECT k, v FROM kv").await, vec!["1|\\xaa"]);
 }
 
 #[tokio::test]
 async fn schema_change_is_picked_up() {
-    let f = fixture("schema_change", "CREATE TABLE t (id INT8 PRIMARY KEY, a TEXT)", &[]).await;
+    let f = fixture(
+        "schema_change",
+        "CREATE TABLE t (id INT8 PRIMARY KEY, a TEXT)",
+        &[],
+    )
+    .await;
     let row = |extra: &str| {
-        format!(r#"{{"payload":[{{"after":{{"id":1,"a":"x"{extra}}},"key":[1],"topic":"t","updated":"1.0"}}],"length":1}}"#)
+        format!(
+            r#"{{"payload":[{{"after":{{"id":1,"a":"x"{extra}}},"key":[1],"topic":"t","updated":"1.0"}}],"length":1}}"#
+        )
     };
     assert_eq!(f.post("/schema_change/public", row("")).await.0, 200);
-    f.db.batch_execute("ALTER TABLE t ADD COLUMN b INT8").await.unwrap();
+    f.db.batch_execute("ALTER TABLE t ADD COLUMN b INT8")
+        .await
+        .unwrap();
     let (status, text) = f.post("/schema_change/public", row(r#","b":5"#)).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(f.dump("SELECT id, a, b FROM t").await, vec!["1|x|5"]);
@@ -402,14 +522,23 @@ async fn schema_change_is_picked_up() {
 async fn resolved_checkpoints_are_accepted() {
     let f = fixture("resolved", KV_SCHEMA, &[]).await;
     let (status, _) = f
-        .post("/resolved/public", r#"{"resolved":"1700000000123456789.0000000000"}"#)
+        .post(
+            "/resolved/public",
+            r#"{"resolved":"1700000000123456789.0000000000"}"#,
+        )
         .await;
     assert_eq!(status, 200);
     let metrics = f.metrics().await;
-    assert!(metrics.contains(r#"resolved_timestamp_seconds{schema="public"} 1700000000.1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"resolved_timestamp_seconds{schema="public"} 1700000000.1"#),
+        "{metrics}"
+    );
     // A schema that does not exist is refused and mints no metric series.
     let (status, text) = f
-        .post("/resolved/nosuch", r#"{"resolved":"1700000000123456789.0000000000"}"#)
+        .post(
+            "/resolved/nosuch",
+            r#"{"resolved":"1700000000123456789.0000000000"}"#,
+        )
         .await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("nosuch"), "{text}");
@@ -419,19 +548,33 @@ async fn resolved_checkpoints_are_accepted() {
 
 #[tokio::test]
 async fn tls_self_signed_and_metrics_addr() {
-    let f = fixture("tls", KV_SCHEMA, &["--tlsSelfSigned", "--metricsAddr", "127.0.0.1:0"]).await;
+    let f = fixture(
+        "tls",
+        KV_SCHEMA,
+        &["--tlsSelfSigned", "--metricsAddr", "127.0.0.1:0"],
+    )
+    .await;
     assert!(f.server.base_url().starts_with("https://"));
     let (status, text) = f
-        .post("/tls/public", batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]))
+        .post(
+            "/tls/public",
+            batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
+        )
         .await;
     assert_eq!(status, 200, "{text}");
-    let m = reqwest::get(format!("http://{}/metrics", f.server.metrics_addr().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(m.contains(r#"apply_upserts_total{schema="public",table="kv"} 1"#), "{m}");
+    let m = reqwest::get(format!(
+        "http://{}/metrics",
+        f.server.metrics_addr().unwrap()
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        m.contains(r#"apply_upserts_total{schema="public",table="kv"} 1"#),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -458,9 +601,21 @@ async fn jwt_authentication() {
     let url = format!("{}/jwt/public", server.base_url());
     let r = http.post(&url).body(body.clone()).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = http.post(&url).bearer_auth("abc.def.ghi").body(body.clone()).send().await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth("abc.def.ghi")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = http.post(&url).bearer_auth(&token).body(body).send().await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
 

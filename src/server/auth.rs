@@ -28,13 +28,19 @@ impl Authenticator {
         for path in keys {
             let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
-                out.push((k, vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]));
+                out.push((
+                    k,
+                    vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
+                ));
             } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
                 out.push((k, vec![Algorithm::ES256, Algorithm::ES384]));
             } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
                 out.push((k, vec![Algorithm::EdDSA]));
             } else {
-                bail!("{} is not a PEM RSA, EC or Ed25519 public key", path.display());
+                bail!(
+                    "{} is not a PEM RSA, EC or Ed25519 public key",
+                    path.display()
+                );
             }
         }
         Ok(Authenticator::Jwt(out))
@@ -46,7 +52,10 @@ impl Authenticator {
             return Ok(());
         };
         let token = header
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .ok_or("missing Authorization: Bearer <token> header")?;
         let alg = decode_header(token)
             .map_err(|e| format!("malformed token: {e}"))?

@@ -272,7 +272,10 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let limited = http_body_util::Limited::new(body, limit);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(ApiError::TooLarge { limit })
         }
         Err(e) => Err(ApiError::Body(e.to_string())),
@@ -293,7 +296,10 @@ async fn varz(State(state): State<Arc<AppState>>) -> Response {
     m.target_pool_available.set(available as i64);
     m.target_pool_waiting.set(waiting as i64);
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         crate::metrics::render(&[&m.registry]),
     )
         .into_response()

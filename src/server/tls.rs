@@ -15,7 +15,11 @@ pub fn install_crypto_provider() {
 /// A self-signed certificate for localhost and this host's name.
 pub async fn self_signed() -> Result<RustlsConfig> {
     install_crypto_provider();
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     if let Ok(h) = std::fs::read_to_string("/etc/hostname") {
         let h = h.trim();
         if !h.is_empty() {
@@ -36,5 +40,11 @@ pub async fn from_files(cert: &Path, key: &Path) -> Result<RustlsConfig> {
     install_crypto_provider();
     RustlsConfig::from_pem_file(cert, key)
         .await
-        .with_context(|| format!("loading TLS certificate {} and key {}", cert.display(), key.display()))
+        .with_context(|| {
+            format!(
+                "loading TLS certificate {} and key {}",
+                cert.display(),
+                key.display()
+            )
+        })
 }
