@@ -185,15 +185,86 @@
     return JSON.stringify(out);
   }
 
-  // rows: [[doc, meta, isDelete], ...]; one result (or null) per row.
+  // A function building a document from its values, one per property list
+  // (an object literal: faster than defining properties one by one).
+  // Taken now, before a script can replace them.
+  const NewFunction = Function;
+  const ObjectProto = Object.prototype;
+  const protoOf = Object.getPrototypeOf;
+  const keysOf = Object.keys;
+  const isArray = Array.isArray;
+  const makers = new Map();
+  function maker(cols) {
+    const id = JSON.stringify(cols);
+    let f = makers.get(id);
+    if (f === undefined) {
+      let body = "return {";
+      for (let j = 0; j < cols.length; j++) body += (j ? "," : "") + JSON.stringify(cols[j]) + ":v[" + j + "]";
+      f = new NewFunction("v", body + "};");
+      if (makers.size >= 256) makers.clear();
+      makers.set(id, f);
+    }
+    return f;
+  }
+
+  function isPlain(v) {
+    if (v === null || typeof v !== "object") return false;
+    const p = protoOf(v);
+    return p === ObjectProto || p === null;
+  }
+
+  // True when `doc` still has exactly the properties it was built with.
+  function unchanged(doc, cols, vals) {
+    if (protoOf(doc) !== ObjectProto) return false;
+    if (keysOf(doc).length !== cols.length) return false;
+    for (let j = 0; j < cols.length; j++) if (doc[cols[j]] !== vals[j]) return false;
+    return true;
+  }
+
+  // A dispatch result with each document that is the row's own, unchanged,
+  // replaced by 0 and every other one wrapped as [document].
+  function encodeRouted(v, doc, cols, vals) {
+    if (v === undefined) return null;
+    if (!isPlain(v) || typeof v.toJSON === "function") return v;
+    const o = Object.create(null);
+    let same;
+    for (const t of keysOf(v)) {
+      const list = v[t];
+      if (!isArray(list)) {
+        o[t] = list;
+        continue;
+      }
+      const l = new Array(list.length);
+      for (let k = 0; k < list.length; k++) {
+        const d = list[k];
+        if (d === doc) {
+          if (same === undefined) same = unchanged(doc, cols, vals);
+          l[k] = same ? 0 : [d];
+        } else l[k] = [d];
+      }
+      o[t] = l;
+    }
+    return o;
+  }
+
+  // input: [shapes, rows]; a row is [shape, values, meta, isDelete] (the
+  // document's values in the order of shapes[shape]) or [-1, doc, meta,
+  // isDelete]. One result (or null) per row; rows sent by shape answer
+  // through encodeRouted.
   function dispatchBatch(key, json) {
     const s = reg.sources[key];
-    const rows = JSON.parse(json);
+    const input = JSON.parse(json);
+    const shapes = input[0];
+    const rows = input[1];
+    const make = shapes.map(maker);
     const out = new Array(rows.length);
     for (let i = 0; i < rows.length; i++) {
       const r = rows[i];
-      const v = r[2] ? s.deletesTo(r[0], r[1]) : s.dispatch(r[0], r[1]);
-      out[i] = v === undefined ? null : v;
+      const shape = r[0];
+      const doc = shape >= 0 ? make[shape](r[1]) : r[1];
+      const v = r[3] ? s.deletesTo(doc, r[2]) : s.dispatch(doc, r[2]);
+      if (shape >= 0) out[i] = encodeRouted(v, doc, shapes[shape], r[1]);
+      else out[i] = v === undefined ? null : v;
     }
     return JSON.stringify(out);
   }

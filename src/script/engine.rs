@@ -9,6 +9,8 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use std::io::Write as _;
+
 use serde_json::{Map, Value};
 
 use super::runtime::{load_program, Program, TxBridge, TxKind, TxRequest, Worker};
@@ -185,17 +187,6 @@ impl Engine {
         else {
             return route_by_topic(database, schema, default_table, batch);
         };
-        let topic_of = |m: &Mutation| -> Result<String, ScriptError> {
-            default_table
-                .map(str::to_string)
-                .or_else(|| m.topic.clone())
-                .ok_or_else(|| {
-                    ScriptError::Invalid(
-                        "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}"
-                            .to_string(),
-                    )
-                })
-        };
         let resolve =
             |name: &str| TableName::resolve(name, database, schema).map_err(ScriptError::Invalid);
 
@@ -205,7 +196,7 @@ impl Engine {
                 .into_iter()
                 .map(|m| {
                     let table = if parts.len() == 2 {
-                        TableName::resolve(&topic_of(&m)?, &parts[0], &parts[1])
+                        TableName::resolve(topic_of(default_table, &m)?, &parts[0], &parts[1])
                             .map_err(ScriptError::Invalid)?
                     } else {
                         resolve(target)?
@@ -216,43 +207,30 @@ impl Engine {
         }
 
         let delete_fn = self.delete_fns.contains(&key);
-        // Rows that cross into JavaScript, as [doc, meta, isDelete].
-        let mut json = Vec::with_capacity(batch.len() * 128);
-        json.push(b'[');
-        let mut crossing = 0usize;
+        // The document each crossing row shows the script: its `after`, or
+        // for a delete handed to a `deletesTo` function, its `before` (or {}).
+        let empty = Map::new();
+        let mut input = DispatchInput::with_capacity(batch.len());
         for m in &batch {
-            let topic = topic_of(m)?;
-            let doc = match (&m.after, delete_fn) {
-                (Some(after), _) => Value::Object(after.clone()),
-                (None, true) => match m.before.row() {
-                    Some(b) => Value::Object(b.clone()),
-                    None => Value::Object(Map::new()),
-                },
-                (None, false) => continue,
+            let topic = topic_of(default_table, m)?;
+            let shown = match (&m.after, delete_fn) {
+                (Some(after), _) => Some(after),
+                (None, true) => Some(m.before.row().unwrap_or(&empty)),
+                (None, false) => None,
             };
-            if crossing > 0 {
-                json.push(b',');
+            if let Some(doc) = shown {
+                input.push(
+                    doc,
+                    |out| write_meta(out, database, schema, topic, m),
+                    m.after.is_none(),
+                );
             }
-            crossing += 1;
-            json.push(b'[');
-            serde_json::to_writer(&mut json, &doc)
-                .map_err(|e| ScriptError::Invalid(e.to_string()))?;
-            json.push(b',');
-            write_meta(&mut json, database, schema, &topic, m);
-            json.extend_from_slice(if m.after.is_none() {
-                b",true]"
-            } else {
-                b",false]"
-            });
         }
-        json.push(b']');
 
-        let results: Vec<Value> = if crossing > 0 {
+        let simple = std::mem::take(&mut input.simple);
+        let results: Vec<Value> = if input.rows > 0 {
             let out = self
-                .run(
-                    "dispatchBatch",
-                    vec![written.clone(), String::from_utf8(json).unwrap_or_default()],
-                )
+                .run("dispatchBatch", vec![written.clone(), input.finish()])
                 .await?;
             serde_json::from_str(&out)
                 .map_err(|e| ScriptError::Invalid(format!("dispatch output: {e}")))?
@@ -260,19 +238,35 @@ impl Engine {
             Vec::new()
         };
         let mut results = results.into_iter();
+        let mut simple = simple.into_iter();
         let mut routed = Vec::with_capacity(batch.len());
+        let mut last_table: Option<(String, TableName)> = None;
+        let mut resolve_cached = |name: &str| -> Result<TableName, ScriptError> {
+            match &last_table {
+                Some((n, t)) if n == name => Ok(t.clone()),
+                _ => {
+                    let t = resolve(name)?;
+                    last_table = Some((name.to_string(), t.clone()));
+                    Ok(t)
+                }
+            }
+        };
+        // One row's destinations: a table and a document (None: the row's
+        // own document, which the script returned unchanged).
+        let mut targets: Vec<(TableName, Option<Map<String, Value>>)> = Vec::new();
         for (i, m) in batch.into_iter().enumerate() {
             if m.after.is_none() && !delete_fn {
                 let name = match src.deletes_to.as_deref() {
-                    Some(t) if !t.is_empty() => t.to_string(),
-                    _ => topic_of(&m)?,
+                    Some(t) if !t.is_empty() => t,
+                    _ => topic_of(default_table, &m)?,
                 };
                 routed.push(Routed {
-                    table: resolve(&name)?,
+                    table: resolve_cached(name)?,
                     mutation: m,
                 });
                 continue;
             }
+            let encoded = simple.next().unwrap_or(false);
             let r = results.next().unwrap_or(Value::Null);
             let bad = |what: &str| {
                 ScriptError::Invalid(format!(
@@ -284,26 +278,57 @@ impl Engine {
                 Value::Object(map) => map,
                 other => return Err(bad(&short(&other))),
             };
+            targets.clear();
             for (table, docs) in map {
                 let docs = match docs {
                     Value::Null => continue,
                     Value::Array(d) => d,
                     other => return Err(bad(&format!("{{{table:?}: {}}}", short(&other)))),
                 };
-                let table = resolve(&table)?;
+                let table = resolve_cached(&table)?;
                 for d in docs {
-                    let mut mutation = m.clone();
+                    // Rows sent by columns come back as 0 (unchanged) or [document].
+                    let d = match d {
+                        Value::Number(_) if encoded => {
+                            targets.push((table.clone(), None));
+                            continue;
+                        }
+                        Value::Array(mut one) if encoded && one.len() == 1 => {
+                            one.pop().unwrap_or_default()
+                        }
+                        d if !encoded => d,
+                        other => {
+                            return Err(ScriptError::Invalid(format!(
+                                "dispatch for source {written}: unexpected result {} for row {i}",
+                                short(&other)
+                            )))
+                        }
+                    };
                     match d {
-                        Value::Object(doc) if m.after.is_some() => mutation.after = Some(doc),
-                        // A delete: the returned document names the row (its key).
-                        Value::Object(doc) => mutation.before = Before::Row(doc),
+                        Value::Object(doc) => targets.push((table.clone(), Some(doc))),
                         other => return Err(bad(&format!("a non-document {}", short(&other)))),
                     }
-                    routed.push(Routed {
-                        table: table.clone(),
-                        mutation,
-                    });
                 }
+            }
+            // Every destination but the last gets a copy.
+            let n = targets.len();
+            let mut m = Some(m);
+            for (j, (table, doc)) in targets.drain(..).enumerate() {
+                let Some(mut mutation) = (if j + 1 == n { m.take() } else { m.clone() }) else {
+                    break;
+                };
+                match doc {
+                    Some(doc) if mutation.after.is_some() => mutation.after = Some(doc),
+                    // A delete: the returned document names the row (its key).
+                    Some(doc) => mutation.before = Before::Row(doc),
+                    None if mutation.after.is_some() => {}
+                    None => {
+                        if mutation.before.row().is_none() {
+                            mutation.before = Before::Row(Map::new());
+                        }
+                    }
+                }
+                routed.push(Routed { table, mutation });
             }
         }
         Ok(routed)
@@ -643,6 +668,115 @@ fn write_meta(out: &mut Vec<u8>, _database: &str, schema: &str, table: &str, m: 
         meta.insert("key".into(), Value::Array(k.clone()));
     }
     let _ = serde_json::to_writer(out, &meta);
+}
+
+/// The payload line's table: the URL's, else the row's topic.
+fn topic_of<'a>(default_table: Option<&'a str>, m: &'a Mutation) -> Result<&'a str, ScriptError> {
+    default_table.or(m.topic.as_deref()).ok_or_else(|| {
+        ScriptError::Invalid(
+            "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}"
+                .to_string(),
+        )
+    })
+}
+
+/// The rows `dispatchBatch` receives, as one JSON text `[shapes, rows]`.
+/// `shapes` lists property-name lists; a row is `[shape, values, meta,
+/// isDelete]`, its document's values in the order of `shapes[shape]`, which
+/// the script builds into an object and which lets it answer 0 for a
+/// document it returned unchanged, instead of the document. Documents with
+/// nested values (which could change unseen) or a `__proto__` property go
+/// whole as `[-1, document, meta, isDelete]`.
+struct DispatchInput {
+    shapes: Vec<Vec<String>>,
+    last_shape: usize,
+    json: Vec<u8>,
+    /// Rows pushed.
+    rows: usize,
+    /// For each row, whether it went by shape.
+    simple: Vec<bool>,
+}
+
+/// More distinct property lists than this in one batch go whole.
+const MAX_SHAPES: usize = 64;
+
+impl DispatchInput {
+    fn with_capacity(rows: usize) -> Self {
+        let mut json = Vec::with_capacity(rows * 128);
+        json.push(b'[');
+        DispatchInput {
+            shapes: Vec::new(),
+            last_shape: usize::MAX,
+            json,
+            rows: 0,
+            simple: Vec::with_capacity(rows),
+        }
+    }
+
+    fn shape_of(&mut self, doc: &Map<String, Value>) -> Option<usize> {
+        let plain = doc
+            .iter()
+            .all(|(k, v)| k != "__proto__" && !matches!(v, Value::Object(_) | Value::Array(_)));
+        if !plain {
+            return None;
+        }
+        let same = |shape: &Vec<String>| {
+            shape.len() == doc.len() && shape.iter().zip(doc.keys()).all(|(a, b)| a == b)
+        };
+        if self.shapes.get(self.last_shape).is_some_and(same) {
+            return Some(self.last_shape);
+        }
+        let found = match self.shapes.iter().position(same) {
+            Some(i) => i,
+            None if self.shapes.len() < MAX_SHAPES => {
+                self.shapes.push(doc.keys().cloned().collect());
+                self.shapes.len() - 1
+            }
+            None => return None,
+        };
+        self.last_shape = found;
+        Some(found)
+    }
+
+    fn push(&mut self, doc: &Map<String, Value>, meta: impl FnOnce(&mut Vec<u8>), is_delete: bool) {
+        if self.rows > 0 {
+            self.json.push(b',');
+        }
+        self.rows += 1;
+        let shape = self.shape_of(doc);
+        self.simple.push(shape.is_some());
+        match shape {
+            Some(i) => {
+                let _ = write!(self.json, "[{i},[");
+                for (n, v) in doc.values().enumerate() {
+                    if n > 0 {
+                        self.json.push(b',');
+                    }
+                    let _ = serde_json::to_writer(&mut self.json, v);
+                }
+                self.json.extend_from_slice(b"],");
+            }
+            None => {
+                self.json.extend_from_slice(b"[-1,");
+                let _ = serde_json::to_writer(&mut self.json, doc);
+                self.json.push(b',');
+            }
+        }
+        meta(&mut self.json);
+        self.json
+            .extend_from_slice(if is_delete { b",true]" } else { b",false]" });
+    }
+
+    fn finish(mut self) -> String {
+        self.json.push(b']');
+        let mut out = Vec::with_capacity(self.json.len() + 64);
+        out.push(b'[');
+        let _ = serde_json::to_writer(&mut out, &self.shapes);
+        out.push(b',');
+        out.extend_from_slice(&self.json);
+        out.push(b']');
+        String::from_utf8(out).unwrap_or_default()
+    }
 }
 
 fn short(v: &Value) -> String {

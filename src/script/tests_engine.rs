@@ -583,3 +583,89 @@ fn parses_go_durations() {
     assert!(parse_duration("soon").is_err());
     assert!(parse_duration("10").is_err());
 }
+
+/// Rows cross into `dispatch` by property list and come back as "unchanged"
+/// markers when the script returns its own document untouched: a document
+/// changed in place, copied, sent to two tables, or holding nested values
+/// must still come back as the script left it.
+#[test]
+fn dispatch_returns_documents_as_the_script_left_them() {
+    let dir = dir_with(&[(
+        "main.ts",
+        r#"import * as api from "replicator@v1";
+api.configureSource("db.s", {
+  dispatch: (doc: any, meta: any) => {
+    switch (doc.k) {
+      case 1: return { t: [doc] };
+      case 2: doc.v = "changed"; return { t: [doc] };
+      case 3: delete doc.v; doc.w = "new"; return { t: [doc] };
+      case 4: return { t: [doc], u: [doc] };
+      case 5: return { t: [Object.assign({}, doc, { v: "copy" })] };
+      case 6: doc.n.x = 2; return { t: [doc] };
+      case 7: return { t: [doc, { k: 70 }], u: null };
+      case 8: return null;
+      default: return undefined;
+    }
+  },
+  deletesTo: (doc: any, meta: any) => ({ d: [doc] }),
+});
+"#,
+    )]);
+    let s = load(&dir, "main.ts").unwrap();
+    let big: Value = serde_json::from_str("12345678901234567890.50").unwrap();
+    let row = |doc: Value| upsert(doc, 1);
+    let batch = vec![
+        row(json!({"k": 1, "v": "a", "big": big})),
+        row(json!({"k": 2, "v": "a"})),
+        row(json!({"k": 3, "v": "a"})),
+        row(json!({"k": 4, "v": "a"})),
+        row(json!({"k": 5, "v": "a"})),
+        row(json!({"k": 6, "n": {"x": 1}})),
+        row(json!({"k": 7, "v": "a"})),
+        row(json!({"k": 8})),
+        row(json!({"k": 9})),
+        delete(10, 1),
+        Mutation {
+            before: Before::Null,
+            ..delete(11, 1)
+        },
+    ];
+    let routed = rt().block_on(s.dispatch("db", "s", None, batch)).unwrap();
+    let got: Vec<(String, Value, Value)> = routed
+        .iter()
+        .map(|r| {
+            (
+                r.table.table.clone(),
+                r.mutation
+                    .after
+                    .clone()
+                    .map(Value::Object)
+                    .unwrap_or(Value::Null),
+                r.mutation.before.to_json(),
+            )
+        })
+        .collect();
+    let big: Value = serde_json::from_str("12345678901234567890.50").unwrap();
+    let up = |t: &str, doc: Value| (t.to_string(), doc, Value::Null);
+    assert_eq!(
+        got,
+        vec![
+            // Unchanged: the row's own document, numbers exactly as sent.
+            up("t", json!({"k": 1, "v": "a", "big": big})),
+            up("t", json!({"k": 2, "v": "changed"})),
+            up("t", json!({"k": 3, "w": "new"})),
+            up("t", json!({"k": 4, "v": "a"})),
+            up("u", json!({"k": 4, "v": "a"})),
+            up("t", json!({"k": 5, "v": "copy"})),
+            up("t", json!({"k": 6, "n": {"x": 2}})),
+            up("t", json!({"k": 7, "v": "a"})),
+            up("t", json!({"k": 70})),
+            (
+                "d".into(),
+                Value::Null,
+                json!({"k": 10, "v": "old", "_source": "east"})
+            ),
+            ("d".into(), Value::Null, json!({})),
+        ]
+    );
+}
