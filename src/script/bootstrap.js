@@ -247,22 +247,29 @@
     return o;
   }
 
-  // input: [shapes, rows]; a row is [shape, values, meta, isDelete] (the
-  // document's values in the order of shapes[shape]) or [-1, doc, meta,
-  // isDelete]. One result (or null) per row; rows sent by shape answer
-  // through encodeRouted.
+  // input: [schema, shapes, topics, rows]; a row is [shape, values,
+  // isDelete, topic, nanos, logical, key?] (the document's values in the
+  // order of shapes[shape]), or [-1, doc, ...] for a document sent whole.
+  // One result (or null) per row; rows sent by shape answer through
+  // encodeRouted.
   function dispatchBatch(key, json) {
     const s = reg.sources[key];
     const input = JSON.parse(json);
-    const shapes = input[0];
-    const rows = input[1];
+    const schema = input[0];
+    const shapes = input[1];
+    const topics = input[2];
+    const rows = input[3];
     const make = shapes.map(maker);
     const out = new Array(rows.length);
     for (let i = 0; i < rows.length; i++) {
       const r = rows[i];
       const shape = r[0];
       const doc = shape >= 0 ? make[shape](r[1]) : r[1];
-      const v = r[3] ? s.deletesTo(doc, r[2]) : s.dispatch(doc, r[2]);
+      const meta =
+        r.length > 6
+          ? { schema: schema, table: topics[r[3]], nanos: r[4], logical: r[5], key: r[6] }
+          : { schema: schema, table: topics[r[3]], nanos: r[4], logical: r[5] };
+      const v = r[2] ? s.deletesTo(doc, meta) : s.dispatch(doc, meta);
       if (shape >= 0) out[i] = encodeRouted(v, doc, shapes[shape], r[1]);
       else out[i] = v === undefined ? null : v;
     }

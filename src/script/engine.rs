@@ -210,7 +210,7 @@ impl Engine {
         // The document each crossing row shows the script: its `after`, or
         // for a delete handed to a `deletesTo` function, its `before` (or {}).
         let empty = Map::new();
-        let mut input = DispatchInput::with_capacity(batch.len());
+        let mut input = DispatchInput::with_capacity(schema, batch.len());
         for m in &batch {
             let topic = topic_of(default_table, m)?;
             let shown = match (&m.after, delete_fn) {
@@ -219,11 +219,7 @@ impl Engine {
                 (None, false) => None,
             };
             if let Some(doc) = shown {
-                input.push(
-                    doc,
-                    |out| write_meta(out, database, schema, topic, m),
-                    m.after.is_none(),
-                );
+                input.push(doc, topic, m);
             }
         }
 
@@ -659,15 +655,20 @@ fn unquote(c: &str) -> String {
 /// `{"schema":…,"table":…,"nanos":…,"logical":…,"key":[…]}`: kept small,
 /// since scripts commonly `JSON.stringify(meta)` for every row.
 fn write_meta(out: &mut Vec<u8>, _database: &str, schema: &str, table: &str, m: &Mutation) {
-    let mut meta = Map::new();
-    meta.insert("schema".into(), schema.into());
-    meta.insert("table".into(), table.into());
-    meta.insert("nanos".into(), m.updated.nanos.into());
-    meta.insert("logical".into(), m.updated.logical.into());
+    out.extend_from_slice(b"{\"schema\":");
+    let _ = serde_json::to_writer(&mut *out, schema);
+    out.extend_from_slice(b",\"table\":");
+    let _ = serde_json::to_writer(&mut *out, table);
+    let _ = write!(
+        out,
+        ",\"nanos\":{},\"logical\":{}",
+        m.updated.nanos, m.updated.logical
+    );
     if let Some(k) = &m.key {
-        meta.insert("key".into(), Value::Array(k.clone()));
+        out.extend_from_slice(b",\"key\":");
+        let _ = serde_json::to_writer(&mut *out, k);
     }
-    let _ = serde_json::to_writer(out, &meta);
+    out.push(b'}');
 }
 
 /// The payload line's table: the URL's, else the row's topic.
@@ -680,16 +681,19 @@ fn topic_of<'a>(default_table: Option<&'a str>, m: &'a Mutation) -> Result<&'a s
     })
 }
 
-/// The rows `dispatchBatch` receives, as one JSON text `[shapes, rows]`.
-/// `shapes` lists property-name lists; a row is `[shape, values, meta,
-/// isDelete]`, its document's values in the order of `shapes[shape]`, which
-/// the script builds into an object and which lets it answer 0 for a
-/// document it returned unchanged, instead of the document. Documents with
-/// nested values (which could change unseen) or a `__proto__` property go
-/// whole as `[-1, document, meta, isDelete]`.
+/// The rows `dispatchBatch` receives, as one JSON text `[schema, shapes,
+/// topics, rows]`. `shapes` lists property-name lists; a row is `[shape,
+/// values, isDelete, topic, nanos, logical, key?]`, its document's values in
+/// the order of `shapes[shape]`, which the script builds into an object and
+/// which lets it answer 0 for a document it returned unchanged, instead of
+/// the document. Documents with nested values (which could change unseen)
+/// or a `__proto__` property go whole, with shape -1. The script builds
+/// `meta` (`{schema, table, nanos, logical, key}`) from the rest.
 struct DispatchInput {
+    schema: String,
     shapes: Vec<Vec<String>>,
     last_shape: usize,
+    topics: Vec<String>,
     json: Vec<u8>,
     /// Rows pushed.
     rows: usize,
@@ -701,12 +705,14 @@ struct DispatchInput {
 const MAX_SHAPES: usize = 64;
 
 impl DispatchInput {
-    fn with_capacity(rows: usize) -> Self {
+    fn with_capacity(schema: &str, rows: usize) -> Self {
         let mut json = Vec::with_capacity(rows * 128);
         json.push(b'[');
         DispatchInput {
+            schema: schema.to_string(),
             shapes: Vec::new(),
             last_shape: usize::MAX,
+            topics: Vec::new(),
             json,
             rows: 0,
             simple: Vec::with_capacity(rows),
@@ -738,7 +744,18 @@ impl DispatchInput {
         Some(found)
     }
 
-    fn push(&mut self, doc: &Map<String, Value>, meta: impl FnOnce(&mut Vec<u8>), is_delete: bool) {
+    fn topic(&mut self, topic: &str) -> usize {
+        match self.topics.iter().rposition(|t| t == topic) {
+            Some(i) => i,
+            None => {
+                self.topics.push(topic.to_string());
+                self.topics.len() - 1
+            }
+        }
+    }
+
+    /// Adds a row showing the script `doc` for mutation `m` of table `topic`.
+    fn push(&mut self, doc: &Map<String, Value>, topic: &str, m: &Mutation) {
         if self.rows > 0 {
             self.json.push(b',');
         }
@@ -754,24 +771,37 @@ impl DispatchInput {
                     }
                     let _ = serde_json::to_writer(&mut self.json, v);
                 }
-                self.json.extend_from_slice(b"],");
+                self.json.push(b']');
             }
             None => {
                 self.json.extend_from_slice(b"[-1,");
                 let _ = serde_json::to_writer(&mut self.json, doc);
-                self.json.push(b',');
             }
         }
-        meta(&mut self.json);
-        self.json
-            .extend_from_slice(if is_delete { b",true]" } else { b",false]" });
+        let topic = self.topic(topic);
+        let _ = write!(
+            self.json,
+            ",{},{topic},{},{}",
+            m.after.is_none(),
+            m.updated.nanos,
+            m.updated.logical
+        );
+        if let Some(k) = &m.key {
+            self.json.push(b',');
+            let _ = serde_json::to_writer(&mut self.json, k);
+        }
+        self.json.push(b']');
     }
 
     fn finish(mut self) -> String {
         self.json.push(b']');
-        let mut out = Vec::with_capacity(self.json.len() + 64);
+        let mut out = Vec::with_capacity(self.json.len() + 256);
         out.push(b'[');
+        let _ = serde_json::to_writer(&mut out, &self.schema);
+        out.push(b',');
         let _ = serde_json::to_writer(&mut out, &self.shapes);
+        out.push(b',');
+        let _ = serde_json::to_writer(&mut out, &self.topics);
         out.push(b',');
         out.extend_from_slice(&self.json);
         out.push(b']');

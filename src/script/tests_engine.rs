@@ -604,6 +604,7 @@ api.configureSource("db.s", {
       case 6: doc.n.x = 2; return { t: [doc] };
       case 7: return { t: [doc, { k: 70 }], u: null };
       case 8: return null;
+      case 12: return { t: [{ k: 12, meta: JSON.stringify(meta) }] };
       default: return undefined;
     }
   },
@@ -628,6 +629,14 @@ api.configureSource("db.s", {
         Mutation {
             before: Before::Null,
             ..delete(11, 1)
+        },
+        Mutation {
+            key: None,
+            ..row(json!({"k": 12}))
+        },
+        Mutation {
+            updated: Hlc::new(1_700_000_000_123_456_789, 7),
+            ..row(json!({"k": 12}))
         },
     ];
     let routed = rt().block_on(s.dispatch("db", "s", None, batch)).unwrap();
@@ -666,6 +675,14 @@ api.configureSource("db.s", {
                 json!({"k": 10, "v": "old", "_source": "east"})
             ),
             ("d".into(), Value::Null, json!({})),
+            up(
+                "t",
+                json!({"k": 12, "meta": r#"{"schema":"s","table":"kv","nanos":1,"logical":0}"#})
+            ),
+            up(
+                "t",
+                json!({"k": 12, "meta": r#"{"schema":"s","table":"kv","nanos":1700000000123456800,"logical":7,"key":[12]}"#})
+            ),
         ]
     );
 }
