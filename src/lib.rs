@@ -12,3 +12,8 @@ pub mod script;
 pub mod server;
 pub mod source;
 pub mod target;
+
+/// mimalloc for the whole process: request bodies, JSON documents and SQL
+/// arrays are many short-lived allocations shared across tokio's threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

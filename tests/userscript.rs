@@ -331,6 +331,35 @@ fn check_and_api_commands() {
     );
 }
 
+/// Console output reaches the daemon's log with the script's name, at the
+/// method's level; a disabled level does not even build its message (the
+/// probe's `toJSON` runs only for the enabled `info` call), while a call
+/// whose arguments have effects runs them whatever the level.
+#[test]
+fn console_logs_and_skips_disabled_messages() {
+    let (_dir, path) = script(
+        "let built = 0;\nlet counted = 0;\nconst probe = { toJSON() { built++; return \"p\"; } };\nconsole.trace(\"trace \" + JSON.stringify(probe));\nconsole.debug(counted++);\nconsole.info(\"info \" + JSON.stringify(probe));\nconsole.warn(`built ${built} counted ${counted}`);\n",
+    );
+    let run = |filter: &str| {
+        let out = meridian()
+            .args(["userscript", "--check", &path])
+            .env("RUST_LOG", filter)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let info = run("info");
+    assert!(info.contains("info \"p\""), "{info}");
+    assert!(info.contains("script=\"init.ts\""), "{info}");
+    assert!(info.contains("built 1 counted 1"), "{info}");
+    assert!(!info.contains("trace "), "{info}");
+    let trace = run("trace");
+    assert!(trace.contains("trace \"p\""), "{trace}");
+    assert!(trace.contains("built 2 counted 1"), "{trace}");
+}
+
 fn shipped_ts() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("userscripts");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)

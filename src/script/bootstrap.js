@@ -29,13 +29,17 @@
   const console = {};
   for (const name of Object.keys(levels)) {
     const lvl = levels[name];
-    console[name] = function (...args) {
+    const method = function (...args) {
       // Cheap when the daemon's log level filters this level out.
       if (lvl < native.level) return;
       let msg = "";
       for (let i = 0; i < args.length; i++) msg += (i ? " " : "") + show(args[i]);
       native.log(lvl, msg);
     };
+    // Read by the guard transpiling puts before console statements (see
+    // console_guard.rs), so their arguments are built only when logged.
+    Object.defineProperty(method, "enabled", { get: () => lvl >= native.level });
+    console[name] = method;
   }
   Object.defineProperty(globalThis, "console", {
     value: console,

@@ -334,7 +334,9 @@ pub fn route_by_topic(
 /// The `.d.ts` describing the userscript API (`meridian userscript --api`).
 pub const API_DTS: &str = include_str!("../../userscripts/meridian.d.ts");
 
+mod alloc;
 mod check;
+mod console_guard;
 pub(crate) mod engine;
 mod runtime;
 mod transpile;

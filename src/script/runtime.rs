@@ -256,8 +256,8 @@ impl Worker {
         limits: Limits,
         quiet: bool,
     ) -> Result<(Worker, String), ScriptError> {
-        let rt =
-            Runtime::new().map_err(|e| ScriptError::Load(format!("cannot start QuickJS: {e}")))?;
+        let rt = Runtime::new_with_alloc(super::alloc::MiAllocator)
+            .map_err(|e| ScriptError::Load(format!("cannot start QuickJS: {e}")))?;
         rt.set_memory_limit(limits.memory_bytes);
         rt.set_max_stack_size(1 << 20);
         let state = Rc::new(State {

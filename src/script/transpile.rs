@@ -110,6 +110,8 @@ pub fn transpile(name: &str, source: &str) -> Result<Transpiled, String> {
         return Err(fail(std::slice::from_ref(e)));
     }
 
+    super::console_guard::guard_console_calls(&allocator, &mut program);
+
     let mut imports = Vec::new();
     for stmt in &program.body {
         let found = match stmt {
