@@ -190,7 +190,8 @@
   }
 
   // A function building a document from its values, one per property list
-  // (an object literal: faster than defining properties one by one).
+  // (an object literal: faster than defining properties one by one). It
+  // reads the values from the flat input array `a` at offset `o`.
   // Taken now, before a script can replace them.
   const NewFunction = Function;
   const ObjectProto = Object.prototype;
@@ -203,8 +204,8 @@
     let f = makers.get(id);
     if (f === undefined) {
       let body = "return {";
-      for (let j = 0; j < cols.length; j++) body += (j ? "," : "") + JSON.stringify(cols[j]) + ":v[" + j + "]";
-      f = new NewFunction("v", body + "};");
+      for (let j = 0; j < cols.length; j++) body += (j ? "," : "") + JSON.stringify(cols[j]) + ":a[o+" + j + "]";
+      f = new NewFunction("a", "o", body + "};");
       if (makers.size >= 256) makers.clear();
       makers.set(id, f);
     }
@@ -217,67 +218,105 @@
     return p === ObjectProto || p === null;
   }
 
-  // True when `doc` still has exactly the properties it was built with.
-  function unchanged(doc, cols, vals) {
+  // True when `doc` still has exactly the properties it was built with,
+  // from a[o], a[o+1], ...
+  function unchanged(doc, cols, a, o) {
     if (protoOf(doc) !== ObjectProto) return false;
     if (keysOf(doc).length !== cols.length) return false;
-    for (let j = 0; j < cols.length; j++) if (doc[cols[j]] !== vals[j]) return false;
+    for (let j = 0; j < cols.length; j++) if (doc[cols[j]] !== a[o + j]) return false;
     return true;
   }
 
   // A dispatch result with each document that is the row's own, unchanged,
   // replaced by 0 and every other one wrapped as [document].
-  function encodeRouted(v, doc, cols, vals) {
+  function encodeRouted(v, doc, cols, a, o) {
     if (v === undefined) return null;
     if (!isPlain(v) || typeof v.toJSON === "function") return v;
-    const o = Object.create(null);
+    const out = Object.create(null);
     let same;
     for (const t of keysOf(v)) {
       const list = v[t];
       if (!isArray(list)) {
-        o[t] = list;
+        out[t] = list;
         continue;
       }
       const l = new Array(list.length);
       for (let k = 0; k < list.length; k++) {
         const d = list[k];
         if (d === doc) {
-          if (same === undefined) same = unchanged(doc, cols, vals);
+          if (same === undefined) same = unchanged(doc, cols, a, o);
           l[k] = same ? 0 : [d];
         } else l[k] = [d];
       }
-      o[t] = l;
+      out[t] = l;
     }
-    return o;
+    return out;
   }
 
-  // input: [schema, shapes, topics, rows]; a row is [shape, values,
-  // isDelete, topic, nanos, logical, key?] (the document's values in the
-  // order of shapes[shape]), or [-1, doc, ...] for a document sent whole.
-  // One result (or null) per row; rows sent by shape answer through
-  // encodeRouted.
+  // input: [schema, shapes, topics, flat], where `flat` holds the rows one
+  // after another: shape, isDelete (0/1), topic, nanos, logical, the number
+  // of key values (-1: none) and the key values, then the document: its values in the
+  // order of shapes[shape], or (shape -1) the document itself.
+  // output: [tables, codes, results], one code per row: -1 when the row
+  // goes nowhere (null or {}), t >= 0 when it goes to tables[t] as its own
+  // unchanged document (the common case, sent as one number), and -2 - i
+  // for anything else, results[i] being the result, with the row's own
+  // documents encoded by encodeRouted when it was sent by shape.
   function dispatchBatch(key, json) {
     const s = reg.sources[key];
     const input = JSON.parse(json);
     const schema = input[0];
     const shapes = input[1];
     const topics = input[2];
-    const rows = input[3];
+    const a = input[3];
     const make = shapes.map(maker);
-    const out = new Array(rows.length);
-    for (let i = 0; i < rows.length; i++) {
-      const r = rows[i];
-      const shape = r[0];
-      const doc = shape >= 0 ? make[shape](r[1]) : r[1];
-      const meta =
-        r.length > 6
-          ? { schema: schema, table: topics[r[3]], nanos: r[4], logical: r[5], key: r[6] }
-          : { schema: schema, table: topics[r[3]], nanos: r[4], logical: r[5] };
-      const v = r[2] ? s.deletesTo(doc, meta) : s.dispatch(doc, meta);
-      if (shape >= 0) out[i] = encodeRouted(v, doc, shapes[shape], r[1]);
-      else out[i] = v === undefined ? null : v;
+    const tables = [];
+    const codes = [];
+    const results = [];
+    let o = 0;
+    while (o < a.length) {
+      const shape = a[o];
+      const del = a[o + 1] === 1;
+      const table = topics[a[o + 2]];
+      const nanos = a[o + 3];
+      const logical = a[o + 4];
+      const nk = a[o + 5];
+      o += 6;
+      let meta;
+      if (nk < 0) meta = { schema: schema, table: table, nanos: nanos, logical: logical };
+      else {
+        meta = { schema: schema, table: table, nanos: nanos, logical: logical, key: a.slice(o, o + nk) };
+        o += nk;
+      }
+      const cols = shape >= 0 ? shapes[shape] : null;
+      const doc = shape >= 0 ? make[shape](a, o) : a[o];
+      const v = del ? s.deletesTo(doc, meta) : s.dispatch(doc, meta);
+      if (v === undefined || v === null) codes.push(-1);
+      else if (shape >= 0 && protoOf(v) === ObjectProto) {
+        const ks = keysOf(v);
+        let list;
+        if (ks.length === 0) codes.push(-1);
+        else if (
+          ks.length === 1 &&
+          isArray((list = v[ks[0]])) &&
+          list.length === 1 &&
+          list[0] === doc &&
+          unchanged(doc, cols, a, o)
+        ) {
+          let t = tables.indexOf(ks[0]);
+          if (t < 0) t = tables.push(ks[0]) - 1;
+          codes.push(t);
+        } else {
+          codes.push(-2 - results.length);
+          results.push(encodeRouted(v, doc, cols, a, o));
+        }
+      } else {
+        codes.push(-2 - results.length);
+        results.push(shape >= 0 ? encodeRouted(v, doc, cols, a, o) : v);
+      }
+      o += shape >= 0 ? cols.length : 1;
     }
-    return JSON.stringify(out);
+    return JSON.stringify([tables, codes, results]);
   }
 
   // rows: [[doc, meta], ...] for upserts, [[key, meta, true], ...] for deletes.

@@ -224,16 +224,21 @@ impl Engine {
         }
 
         let simple = std::mem::take(&mut input.simple);
-        let results: Vec<Value> = if input.rows > 0 {
+        let output: DispatchOutput = if input.rows > 0 {
             let out = self
                 .run("dispatchBatch", vec![written.clone(), input.finish()])
                 .await?;
             serde_json::from_str(&out)
                 .map_err(|e| ScriptError::Invalid(format!("dispatch output: {e}")))?
         } else {
-            Vec::new()
+            DispatchOutput::default()
         };
-        let mut results = results.into_iter();
+        let DispatchOutput(tables, codes, mut results) = output;
+        let tables = tables
+            .iter()
+            .map(|t| resolve(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut codes = codes.into_iter();
         let mut simple = simple.into_iter();
         let mut routed = Vec::with_capacity(batch.len());
         let mut last_table: Option<(String, TableName)> = None;
@@ -263,7 +268,29 @@ impl Engine {
                 continue;
             }
             let encoded = simple.next().unwrap_or(false);
-            let r = results.next().unwrap_or(Value::Null);
+            let r = match codes.next().unwrap_or(-1) {
+                -1 => continue,
+                t if t >= 0 => {
+                    let table = tables.get(t as usize).ok_or_else(|| {
+                        ScriptError::Invalid(format!("dispatch output: no table {t}"))
+                    })?;
+                    let mut mutation = m;
+                    // A delete the script routed as shown: the document it
+                    // saw ({} when the source sent no `before`) names the row.
+                    if mutation.after.is_none() && mutation.before.row().is_none() {
+                        mutation.before = Before::Row(Map::new());
+                    }
+                    routed.push(Routed {
+                        table: table.clone(),
+                        mutation,
+                    });
+                    continue;
+                }
+                r => results
+                    .get_mut((-2 - r) as usize)
+                    .map(std::mem::take)
+                    .unwrap_or(Value::Null),
+            };
             let bad = |what: &str| {
                 ScriptError::Invalid(format!(
                     "dispatch for source {written} returned {what} for row {i}; expected {{table: [documents]}} or null"
@@ -681,14 +708,22 @@ fn topic_of<'a>(default_table: Option<&'a str>, m: &'a Mutation) -> Result<&'a s
     })
 }
 
+/// What `dispatchBatch` answers: `[tables, codes, results]`, one code per
+/// row (see bootstrap.js): -1 dropped, `t >= 0` routed unchanged to
+/// `tables[t]`, `-2 - i` described by `results[i]`.
+#[derive(Default, serde::Deserialize)]
+struct DispatchOutput(Vec<String>, Vec<i64>, Vec<Value>);
+
 /// The rows `dispatchBatch` receives, as one JSON text `[schema, shapes,
-/// topics, rows]`. `shapes` lists property-name lists; a row is `[shape,
-/// values, isDelete, topic, nanos, logical, key?]`, its document's values in
-/// the order of `shapes[shape]`, which the script builds into an object and
-/// which lets it answer 0 for a document it returned unchanged, instead of
-/// the document. Documents with nested values (which could change unseen)
-/// or a `__proto__` property go whole, with shape -1. The script builds
-/// `meta` (`{schema, table, nanos, logical, key}`) from the rest.
+/// topics, flat]`. `shapes` lists property-name lists; `flat` holds the rows
+/// one after another as plain values (no array per row, which QuickJS would
+/// have to build): shape, isDelete (0/1), topic, nanos, logical, the number
+/// of key values (-1: no key) and the key values, then the document's values in the
+/// order of `shapes[shape]`, which the script builds into an object and
+/// which lets it answer with one number for a row routed unchanged.
+/// Documents with nested values (which could change unseen) or a
+/// `__proto__` property go whole, with shape -1. The script builds `meta`
+/// (`{schema, table, nanos, logical, key}`) from the rest.
 struct DispatchInput {
     schema: String,
     shapes: Vec<Vec<String>>,
@@ -762,35 +797,33 @@ impl DispatchInput {
         self.rows += 1;
         let shape = self.shape_of(doc);
         self.simple.push(shape.is_some());
+        let topic = self.topic(topic);
+        let key = m.key.as_deref().unwrap_or_default();
+        let _ = write!(
+            self.json,
+            "{},{},{topic},{},{},{}",
+            shape.map_or(-1, |i| i as i64),
+            u8::from(m.after.is_none()),
+            m.updated.nanos,
+            m.updated.logical,
+            m.key.as_ref().map_or(-1, |k| k.len() as i64)
+        );
+        for v in key {
+            self.json.push(b',');
+            let _ = serde_json::to_writer(&mut self.json, v);
+        }
         match shape {
-            Some(i) => {
-                let _ = write!(self.json, "[{i},[");
-                for (n, v) in doc.values().enumerate() {
-                    if n > 0 {
-                        self.json.push(b',');
-                    }
+            Some(_) => {
+                for v in doc.values() {
+                    self.json.push(b',');
                     let _ = serde_json::to_writer(&mut self.json, v);
                 }
-                self.json.push(b']');
             }
             None => {
-                self.json.extend_from_slice(b"[-1,");
+                self.json.push(b',');
                 let _ = serde_json::to_writer(&mut self.json, doc);
             }
         }
-        let topic = self.topic(topic);
-        let _ = write!(
-            self.json,
-            ",{},{topic},{},{}",
-            m.after.is_none(),
-            m.updated.nanos,
-            m.updated.logical
-        );
-        if let Some(k) = &m.key {
-            self.json.push(b',');
-            let _ = serde_json::to_writer(&mut self.json, k);
-        }
-        self.json.push(b']');
     }
 
     fn finish(mut self) -> String {
