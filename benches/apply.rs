@@ -8,7 +8,8 @@
 //! on the same PostgreSQL server, with the same number of requests in flight.
 //! Each side runs an insert pass and an update pass (newer `_timestamp`).
 //!
-//! Run: `cargo bench --bench apply` (env: BENCH_ROWS, BENCH_BATCH, BENCH_CONCURRENCY).
+//! Run: `cargo bench --bench apply` (env: BENCH_ROWS, BENCH_BATCH, BENCH_CONCURRENCY,
+//! BENCH_USERSCRIPT=path|none, BENCH_ONLY=meridian|baseline to profile one side).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,6 +148,20 @@ fn main() {
         let server = meridian::server::serve(args).await.expect("meridian starts");
         let base = server.base_url();
         println!("apply benchmark: {rows} rows in batches of {batch}, {conc} requests in flight, PostgreSQL on this machine");
+        // BENCH_ONLY=meridian|baseline runs one side (for profiling); no ratio.
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        if !only.is_empty() {
+            for (pass, label) in [(0, "insert"), (1, "update")] {
+                let r = if only == "baseline" {
+                    baseline_pass(&b_url, rows, batch, conc, pass).await
+                } else {
+                    meridian_pass(&base, rows, batch, conc, pass).await
+                };
+                println!("{label:>7}: {only} {r:>10.0} rows/s");
+            }
+            server.shutdown().await;
+            return;
+        }
         let mut total = (0.0, 0.0);
         for (pass, label) in [(0, "insert"), (1, "update")] {
             // Alternate which side goes first so neither always gets the warmer cache.

@@ -73,7 +73,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("userscripts");
+    let dir = std::env::var("BENCH_SCRIPT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("userscripts"));
     let script = Userscript::load(&dir.join("init.ts"), Limits::default()).expect("init.ts loads");
     let apply_script = Userscript::load(&dir.join("init_apply.ts"), Limits::default())
         .expect("init_apply.ts loads");
