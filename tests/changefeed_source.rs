@@ -631,7 +631,6 @@ async fn batches_by_rows_and_large_transactions() {
     let mut o = options(&url, &["kv"], &sink);
     o.name = "cf_batch".into();
     o.flush_rows = 100;
-    o.poll_changes = 50; // smaller than the transaction: it is read whole
     let feed = start(o);
     wait_slot(&db, "cf_batch").await;
     db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'x' FROM generate_series(1, 1000) g")

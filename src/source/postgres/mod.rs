@@ -1,20 +1,24 @@
 //! PostgreSQL logical decoding → CockroachDB-style webhook batches
 //! (`meridian changefeed`).
 //!
-//! How it works: the built-in `pgoutput` plugin is read over SQL with
-//! `pg_logical_slot_peek_binary_changes` every poll interval. Peeking does not
-//! consume anything; the slot's confirmed position is moved with
-//! `pg_replication_slot_advance` only after the sink answered 2xx for every row
-//! of every transaction up to that point, so a crash or restart of either side
-//! re-sends (at least once) and loses nothing.
+//! How it works: the changefeed opens a replication connection and streams
+//! the built-in `pgoutput` plugin's messages from its slot
+//! (`START_REPLICATION … LOGICAL`, through the `pgwire-replication` crate), so
+//! every WAL record is decoded once, as it is written, and a change reaches
+//! the sink without polling. The slot's confirmed position is reported to the
+//! server (standby status feedback) only after the sink answered 2xx for every
+//! row of every transaction up to that point, so a crash or restart of either
+//! side re-sends (at least once) and loses nothing. A second, ordinary
+//! connection reads catalog facts (primary keys), the server clock for probes,
+//! and the slot's lag.
 //!
 //! Delivery is per-key ordered. Batches are cut at transaction boundaries
 //! where they fit; full batches of whole transactions may travel
 //! concurrently (up to `max_in_flight`) as long as no key is in two requests
 //! at once; any other batch (a trickle, part of a large transaction) goes
 //! alone, after everything before it was acknowledged, so a trickle arrives
-//! in commit order. While batches are in flight the next peek already runs,
-//! skipping the transactions planned before.
+//! in commit order. While batches are in flight the stream keeps being read
+//! and decoded into the next batches.
 //!
 //! `updated` is the transaction's commit time as an HLC (`nanos.logical`),
 //! forced strictly increasing: a commit time at or below the last value sent
@@ -35,6 +39,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use futures::FutureExt;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::watch;
 
 use crate::changefeed::Hlc;
@@ -92,17 +98,15 @@ pub struct ChangefeedArgs {
     #[arg(long = "flushBytes", default_value_t = 1 << 20)]
     pub flush_bytes: usize,
 
-    /// Hold changes up to this long to fill a batch; 0 sends what each poll finds.
+    /// Hold changes up to this long to fill a batch; 0 sends what the stream
+    /// has delivered as soon as nothing is in flight.
     #[arg(long = "flushFrequency", default_value = "0s", value_parser = crate::cli::parse_duration)]
     pub flush_frequency: Duration,
 
-    /// How often to look for new changes.
+    /// Longest wait, while the source is quiet, before timers (resolved
+    /// checkpoints, --flushFrequency, probes) are looked at again.
     #[arg(long = "pollInterval", default_value = "25ms", value_parser = crate::cli::parse_duration)]
     pub poll_interval: Duration,
-
-    /// Most decoded messages to read per poll (larger transactions are read whole).
-    #[arg(long = "pollChanges", default_value_t = 50_000)]
-    pub poll_changes: i32,
 
     /// Time allowed for the sink to answer one request.
     #[arg(long = "clientTimeout", default_value = "30s", value_parser = crate::cli::parse_duration)]
@@ -141,7 +145,6 @@ pub struct ChangefeedOptions {
     pub flush_bytes: usize,
     pub flush_frequency: Duration,
     pub poll_interval: Duration,
-    pub poll_changes: i32,
     pub client_timeout: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -170,7 +173,6 @@ impl ChangefeedOptions {
             flush_bytes: 1 << 20,
             flush_frequency: Duration::ZERO,
             poll_interval: Duration::from_millis(25),
-            poll_changes: 50_000,
             client_timeout: Duration::from_secs(30),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
@@ -219,7 +221,6 @@ impl From<ChangefeedArgs> for ChangefeedOptions {
             flush_bytes: a.flush_bytes.max(1),
             flush_frequency: a.flush_frequency,
             poll_interval: a.poll_interval,
-            poll_changes: a.poll_changes.max(1),
             client_timeout: a.client_timeout,
             retry_initial: Duration::from_millis(100),
             retry_max: a.retry_max,
@@ -353,19 +354,27 @@ enum Item {
     },
 }
 
-/// What one peek found beyond what is already planned.
-struct Decoded {
-    items: Vec<Item>,
-    /// The rows end inside a transaction (left for later).
-    incomplete: bool,
-    /// Messages of transactions planned before (in flight, not yet advanced past).
-    skipped: usize,
-    /// Messages of the new transactions.
-    msgs: usize,
-    /// Commit LSN of the newest transaction or probe in `items`.
-    through: u64,
-    /// `updated` of the newest transaction with rows.
+/// Decoding state of one replication stream: the open transaction and the
+/// newest `updated` stamped.
+struct DecodeState {
+    /// The transaction being decoded (between Begin and Commit).
+    cur: Option<Txn>,
+    /// `updated` of the newest transaction with rows (or of a probe reached).
     hlc: Hlc,
+    /// `cur`'s `updated`, as text.
+    updated: String,
+    scratch: Vec<Option<(usize, usize)>>,
+}
+
+impl DecodeState {
+    fn new(floor: Hlc) -> Self {
+        DecodeState {
+            cur: None,
+            hlc: floor,
+            updated: String::new(),
+            scratch: Vec::new(),
+        }
+    }
 }
 
 /// A request body ready to send, and what its acknowledgement means.
@@ -458,8 +467,8 @@ struct Flight {
     newest_commit_micros: i64,
 }
 
-/// Delivery state of one `stream` (rebuilt after a reconnect: whatever was
-/// not acknowledged is read from the slot again).
+/// Delivery state of one replication stream (rebuilt after a reconnect:
+/// whatever was not acknowledged is streamed from the slot again).
 struct Pipeline {
     queue: VecDeque<Step>,
     builder: Builder,
@@ -470,17 +479,10 @@ struct Pipeline {
     in_flight: usize,
     exclusive: bool,
     next_seq: u64,
-    /// Commit LSN of the newest transaction (or probe) planned: peeks skip
-    /// everything at or below it.
-    planned_through: u64,
-    /// `updated` of the newest planned transaction.
-    hlc: Hlc,
-    /// Messages a peek is expected to skip (added to its limit).
-    expect_skip: usize,
 }
 
 impl Pipeline {
-    fn new(advanced_to: u64, floor: Hlc) -> Self {
+    fn new() -> Self {
         Pipeline {
             queue: VecDeque::new(),
             builder: Builder::default(),
@@ -490,9 +492,6 @@ impl Pipeline {
             in_flight: 0,
             exclusive: false,
             next_seq: 0,
-            planned_through: advanced_to,
-            hlc: floor,
-            expect_skip: 0,
         }
     }
 
@@ -522,58 +521,51 @@ impl Pipeline {
     }
 }
 
-/// Cuts transactions into batches: whole transactions per batch while they
-/// fit, a transaction larger than a batch across several.
-fn fill(
-    p: &mut Pipeline,
-    items: Vec<Item>,
-    flush_rows: usize,
-    flush_bytes: usize,
-    hold_tail: bool,
-) {
-    for item in items {
-        match item {
-            Item::Txn(t) => {
-                let b = &mut p.builder;
-                if !t.lines.is_empty() {
-                    let fits = t.lines.len() <= flush_rows && t.buf.len() <= flush_bytes;
-                    if b.rows > 0
-                        && (b.rows + t.lines.len() > flush_rows
-                            || b.bytes() + t.buf.len() > flush_bytes)
-                    {
-                        let out = b.finish(true);
-                        p.queue.push_back(Step::Batch(out));
-                    }
-                    for l in &t.lines {
-                        let b = &mut p.builder;
-                        let len = l.end - l.start;
-                        if b.rows > 0 && (b.rows >= flush_rows || b.bytes() + len + 1 > flush_bytes)
-                        {
-                            let out = b.finish(false);
-                            p.queue.push_back(Step::Batch(out));
-                        }
-                        let b = &mut p.builder;
-                        if !fits {
-                            b.split = true;
-                        }
-                        b.push(&t.buf[l.start..l.end], l.key_hash, &l.table);
-                        b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
-                    }
-                }
-                let b = &mut p.builder;
-                b.boundary = Some((t.end_lsn, t.hlc));
-                b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
-            }
-            Item::Probe { lsn, content } => {
-                if !p.builder.is_empty() {
-                    let out = p.builder.finish(false);
+/// Queues one decoded item: a transaction's rows go into batches, whole
+/// transactions per batch while they fit, a transaction larger than a batch
+/// across several; a probe ends the batch being filled.
+fn push_item(p: &mut Pipeline, item: Item, flush_rows: usize, flush_bytes: usize) {
+    match item {
+        Item::Txn(t) => {
+            let b = &mut p.builder;
+            if !t.lines.is_empty() {
+                let fits = t.lines.len() <= flush_rows && t.buf.len() <= flush_bytes;
+                if b.rows > 0
+                    && (b.rows + t.lines.len() > flush_rows
+                        || b.bytes() + t.buf.len() > flush_bytes)
+                {
+                    let out = b.finish(true);
                     p.queue.push_back(Step::Batch(out));
                 }
-                p.queue.push_back(Step::Probe { lsn, content });
+                for l in &t.lines {
+                    let b = &mut p.builder;
+                    let len = l.end - l.start;
+                    if b.rows > 0 && (b.rows >= flush_rows || b.bytes() + len + 1 > flush_bytes) {
+                        let out = b.finish(false);
+                        p.queue.push_back(Step::Batch(out));
+                    }
+                    let b = &mut p.builder;
+                    if !fits {
+                        b.split = true;
+                    }
+                    b.push(&t.buf[l.start..l.end], l.key_hash, &l.table);
+                    b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
+                }
             }
+            let b = &mut p.builder;
+            b.boundary = Some((t.end_lsn, t.hlc));
+            b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
+        }
+        Item::Probe { lsn, content } => {
+            flush_tail(p);
+            p.queue.push_back(Step::Probe { lsn, content });
         }
     }
-    if !hold_tail && !p.builder.is_empty() {
+}
+
+/// Queues the batch being filled, however small.
+fn flush_tail(p: &mut Pipeline) {
+    if !p.builder.is_empty() {
         let out = p.builder.finish(false);
         p.queue.push_back(Step::Batch(out));
     }
@@ -616,13 +608,26 @@ struct Feed {
     /// Probe reached: its time may be sent as resolved.
     reached: Option<Hlc>,
     advanced_to: u64,
-    /// Acknowledged through here; the slot is moved here when convenient.
+    /// Acknowledged through here; reported to the server as the slot's
+    /// confirmed position.
     want_advance: u64,
+    /// Since when the batch being filled holds rows (for --flushFrequency).
     pending_since: Option<Instant>,
     last_slot_lag: Instant,
-    last_advance_at: Instant,
-    /// Whether `pg_log_standby_snapshot()` works on the source.
-    log_snapshots: bool,
+}
+
+/// A replication-connection error, with what to fix where the cause is known.
+fn replication_error(e: pgwire_replication::PgWireError, slot: &str) -> anyhow::Error {
+    let text = e.to_string();
+    if text.contains("pg_hba.conf") || text.contains("replication connection") {
+        anyhow::anyhow!(
+            "the source refused a replication connection: {text}. Fix: allow it in pg_hba.conf \
+             (a line such as  host replication <user> <address> scram-sha-256) and give the user \
+             the REPLICATION attribute (ALTER ROLE <user> REPLICATION)"
+        )
+    } else {
+        anyhow::anyhow!("replication stream of slot {slot}: {text}")
+    }
 }
 
 fn now_nanos() -> i64 {
@@ -692,8 +697,6 @@ impl Feed {
             want_advance: 0,
             pending_since: None,
             last_slot_lag: Instant::now() - Duration::from_secs(3600),
-            last_advance_at: Instant::now(),
-            log_snapshots: true,
         }
     }
 
@@ -863,33 +866,92 @@ impl Feed {
         Ok(db)
     }
 
-    /// Polls, sends and advances until shutdown (Ok) or a source error (Err).
-    ///
-    /// Peeking, sending and advancing overlap: while batches are in flight
-    /// the next peek already runs (skipping what was planned), full batches
-    /// of whole transactions go out concurrently when their keys are not in
-    /// flight, and the slot only moves past a transaction once every batch up
-    /// to it was acknowledged.
+    /// The replication connection's settings, from `--sourceConn`. Decoded
+    /// values are printed by the walsender's session, so it gets the same
+    /// output settings a query session would (UTC, ISO dates, hex bytea,
+    /// round-trip floats).
+    fn replication_config(&self) -> Result<ReplicationConfig> {
+        use tokio_postgres::config::Host;
+        let cfg: tokio_postgres::Config = self
+            .opts
+            .source_conn
+            .parse()
+            .context("parsing --sourceConn")?;
+        let host = match cfg.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(path)) => path.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let user = cfg.get_user().unwrap_or("postgres").to_string();
+        let password = cfg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let database = cfg.get_dbname().unwrap_or(&user).to_string();
+        let mut rc = ReplicationConfig::new(
+            host,
+            user,
+            password,
+            database,
+            self.slot.clone(),
+            // Quoted: pgoutput folds unquoted publication names to lower case.
+            quote_ident(&self.publication),
+        )
+        .with_port(port)
+        .with_start_lsn(Lsn::from_u64(self.advanced_to))
+        // Acknowledged positions reach the server within this.
+        .with_status_interval(Duration::from_millis(250))
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_application_name("meridian changefeed")
+        .with_options(
+            "-c TimeZone=UTC -c DateStyle=ISO,MDY -c IntervalStyle=postgres \
+             -c extra_float_digits=3 -c bytea_output=hex",
+        );
+        rc.buffer_events = 16 * 1024;
+        Ok(rc)
+    }
+
+    /// Streams, sends and acknowledges until shutdown (Ok) or a source error
+    /// (Err). On a clean stop, the acknowledged position is written to the
+    /// slot before returning, so a restart sends nothing twice.
     async fn stream(
         &mut self,
         db: &tokio_postgres::Client,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<()> {
-        let peek = db
-            .prepare(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1::text::name, NULL, $2::int4, \
-                 'proto_version', '1', 'publication_names', $3::text, 'messages', 'true')",
-            )
-            .await?;
-        let pubs = quote_ident(&self.publication);
-        let mut p = Pipeline::new(self.advanced_to, self.floor);
-        let mut read_whole = false;
-        let mut idle = true;
-        let mut last_found = false;
+        let mut repl = ReplicationClient::connect(self.replication_config()?)
+            .await
+            .map_err(|e| replication_error(e, &self.slot))?;
+        let result = self.stream_events(db, &mut repl, shutdown).await;
+        match &result {
+            Ok(()) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), repl.shutdown()).await;
+                self.persist_position(db).await;
+            }
+            Err(_) => repl.abort(),
+        }
+        result
+    }
+
+    /// The stream loop: acknowledgements, resolved checkpoints, dispatch of
+    /// queued batches, then whatever the stream has delivered.
+    async fn stream_events(
+        &mut self,
+        db: &tokio_postgres::Client,
+        repl: &mut ReplicationClient,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut p = Pipeline::new();
+        let mut st = DecodeState::new(self.floor);
         let max_in_flight = self.opts.max_in_flight.max(1);
+        // Decoded batches waiting to be sent, at most: beyond this the stream
+        // is left unread and PostgreSQL waits (TCP backpressure).
+        let queue_max = 2 * max_in_flight + 2;
+        // Rows seen since the last quiet moment: no probe while the source is busy.
+        let mut idle = true;
         loop {
             if *shutdown.borrow() {
-                self.maybe_advance(db, &p, true).await?;
                 return Ok(());
             }
             // Acknowledgements.
@@ -899,21 +961,21 @@ impl Feed {
                 }
             }
             self.take_acknowledged(&mut p);
+            self.report_position(repl);
 
             // Resolved checkpoints need everything before them acknowledged:
             // when one is due, let the window drain first.
             let mut resolved_due = self.resolved_due();
             if p.in_flight == 0 && (resolved_due || p.idle()) {
-                self.maybe_advance(db, &p, p.idle()).await?;
-                if !self.maybe_resolved(db, idle && p.idle(), shutdown).await? {
+                let quiet = idle && p.idle() && st.cur.is_none();
+                if !self.maybe_resolved(db, quiet, shutdown).await? {
                     return Ok(());
                 }
                 resolved_due = self.resolved_due();
             }
 
-            // Dispatch what may go now.
-            let mut probe_reached = false;
-            // Nothing goes while a resolved checkpoint waits for the window to drain.
+            // Dispatch what may go now. Nothing goes while a resolved
+            // checkpoint waits for the window to drain.
             loop {
                 match p.queue.front() {
                     _ if resolved_due => break,
@@ -928,108 +990,63 @@ impl Feed {
                         let Some(Step::Probe { lsn, content }) = p.queue.pop_front() else {
                             unreachable!()
                         };
-                        self.acknowledge(db, Some((lsn, self.floor)), true).await?;
+                        self.pending_advance(lsn);
                         if self.probe.as_ref().is_some_and(|pr| pr.content == content) {
                             let pr = self.probe.take().unwrap();
                             let at = pr.at.max(self.floor);
                             self.floor = at;
                             self.reached = Some(at);
-                            // What followed the probe is read again, above its time.
-                            probe_reached = true;
-                            break;
                         }
                     }
                     _ => break,
                 }
             }
-            if probe_reached {
-                p.queue.clear();
-                p.builder = Builder::default();
-                p.planned_through = self.advanced_to;
-                p.hlc = self.floor;
-                p.expect_skip = 0;
-                continue;
-            }
-            self.maybe_advance(db, &p, false).await?;
+            self.report_position(repl);
 
-            // Peek when the queue is drained and at most one batch is in
-            // flight (a peek re-reads what is in flight and not advanced past).
-            let mut found = false;
-            if p.queue.is_empty()
-                && (p.in_flight == 0 || p.in_flight == 1 && last_found)
-                && !resolved_due
+            // Decode what the stream has delivered, without waiting.
+            // `caught_up`: the stream had nothing more to give.
+            let mut caught_up = false;
+            let mut rows = 0;
+            let t0 = Instant::now();
+            if p.queue.len() < queue_max {
+                for _ in 0..50_000 {
+                    let Some(ev) = repl.recv().now_or_never() else {
+                        caught_up = true;
+                        break;
+                    };
+                    rows += self.on_event(db, &mut p, &mut st, ev).await?;
+                    if p.queue.len() >= queue_max {
+                        break;
+                    }
+                }
+            }
+            if rows > 0 {
+                idle = false;
+                self.pending_since.get_or_insert_with(Instant::now);
+                tracing::trace!(
+                    rows,
+                    queued = p.queue.len(),
+                    in_flight = p.in_flight,
+                    "decoded in {:?}",
+                    t0.elapsed()
+                );
+            }
+            // The batch being filled goes when the stream has nothing more for
+            // now and nothing is in flight (a trickle goes at once; under load
+            // batches fill up while others travel), after --flushFrequency.
+            if caught_up
+                && p.in_flight == 0
+                && p.queue.is_empty()
+                && !p.builder.is_empty()
+                && self
+                    .pending_since
+                    .is_none_or(|t| t.elapsed() >= self.opts.flush_frequency)
             {
-                let limit: Option<i32> = (!read_whole).then(|| {
-                    (self.opts.poll_changes as i64 + p.expect_skip as i64).min(i32::MAX as i64)
-                        as i32
-                });
-                let t0 = Instant::now();
-                let rows = db.query(&peek, &[&self.slot, &limit, &pubs]).await?;
-                let t_peek = t0.elapsed();
-                let nmsgs = rows.len();
-                let truncated = limit.is_some_and(|l| nmsgs >= l as usize);
-                let d = self
-                    .decode(db, &rows, p.planned_through, p.hlc.max(self.floor))
-                    .await?;
-                drop(rows);
-                let t_decode = t0.elapsed() - t_peek;
-                if d.items.is_empty() && d.incomplete {
-                    // One transaction larger than the limit: read it whole.
-                    read_whole = true;
-                    continue;
-                }
-                read_whole = false;
-                let (nrows, nbytes, has_probe) =
-                    d.items.iter().fold((0, 0, false), |acc, i| match i {
-                        Item::Txn(t) => (acc.0 + t.lines.len(), acc.1 + t.buf.len(), acc.2),
-                        Item::Probe { .. } => (acc.0, acc.1, true),
-                    });
-                let busy = nrows > 0;
-                idle = !busy;
-                last_found = busy;
-                let due = !busy
-                    || self.opts.flush_frequency.is_zero()
-                    || truncated
-                    || has_probe
-                    || nrows >= self.opts.flush_rows
-                    || nbytes >= self.opts.flush_bytes
-                    || self
-                        .pending_since
-                        .is_some_and(|t| t.elapsed() >= self.opts.flush_frequency);
-                if due {
-                    if !d.items.is_empty() {
-                        p.planned_through = p.planned_through.max(d.through);
-                        p.hlc = p.hlc.max(d.hlc);
-                    }
-                    p.expect_skip = d.skipped + d.msgs;
-                    fill(
-                        &mut p,
-                        d.items,
-                        self.opts.flush_rows,
-                        self.opts.flush_bytes,
-                        truncated,
-                    );
-                    self.pending_since = None;
-                    if busy {
-                        found = true;
-                        tracing::debug!(
-                            messages = nmsgs,
-                            skipped = d.skipped,
-                            rows = nrows,
-                            bytes = nbytes,
-                            in_flight = p.in_flight,
-                            "peeked in {t_peek:?}, decoded in {t_decode:?}"
-                        );
-                    } else if p.window.is_empty() {
-                        self.metrics.lag_seconds.set(0.0);
-                    }
-                } else {
-                    p.expect_skip = d.skipped;
-                    self.pending_since.get_or_insert_with(Instant::now);
-                }
-                if truncated {
-                    continue;
-                }
+                flush_tail(&mut p);
+                self.pending_since = None;
+            }
+            if p.idle() && st.cur.is_none() {
+                self.metrics.lag_seconds.set(0.0);
             }
 
             if self.last_slot_lag.elapsed() >= Duration::from_secs(1) {
@@ -1043,47 +1060,226 @@ impl Feed {
                     .await?
                     .and_then(|r| r.get(0));
                 self.metrics.slot_lag_bytes.set(lag.unwrap_or(0));
-                // Peeks decode from the slot's restart_lsn, which only moves to
-                // a running-transactions record; PostgreSQL writes one every 15 s,
-                // so a busy source re-decodes up to 15 s of WAL per peek. Write
-                // one every second where the server can (PostgreSQL 16+, with
-                // the privilege); otherwise stop trying.
-                if self.log_snapshots && lag.unwrap_or(0) > 0 {
-                    if let Err(e) = db.batch_execute("SELECT pg_log_standby_snapshot()").await {
-                        tracing::debug!("not writing running-transactions records: {e}");
-                        self.log_snapshots = false;
-                    }
-                }
             }
 
-            if found && !p.queue.is_empty() && p.can_dispatch_front(max_in_flight) {
+            if !p.queue.is_empty() && p.can_dispatch_front(max_in_flight) && !resolved_due {
                 continue;
             }
-            // Wait for an acknowledgement, new changes or shutdown.
-            let wait = if found {
-                Duration::ZERO
-            } else {
-                self.opts.poll_interval
+            if !caught_up && p.queue.len() < queue_max {
+                continue;
+            }
+            // Wait for an acknowledgement, the stream, a timer or shutdown.
+            let room = p.queue.len() < queue_max;
+            let wait = match self.pending_since {
+                // Only a tail that may go once its time is up needs the timer;
+                // one behind batches in flight goes when they are answered.
+                Some(t) if !p.builder.is_empty() && p.in_flight == 0 && p.queue.is_empty() => self
+                    .opts
+                    .flush_frequency
+                    .saturating_sub(t.elapsed())
+                    .min(self.opts.poll_interval)
+                    .max(Duration::from_millis(1)),
+                _ => self.opts.poll_interval,
             };
-            if p.in_flight > 0 {
-                tokio::select! {
-                    done = p.tasks.join_next() => {
-                        if let Some(done) = done {
-                            if !self.sent(&mut p, done)? {
-                                return Ok(());
-                            }
+            tokio::select! {
+                ev = repl.recv(), if room => {
+                    if self.on_event(db, &mut p, &mut st, ev).await? > 0 {
+                        idle = false;
+                        self.pending_since.get_or_insert_with(Instant::now);
+                    }
+                }
+                done = p.tasks.join_next(), if p.in_flight > 0 => {
+                    if let Some(done) = done {
+                        if !self.sent(&mut p, done)? {
+                            return Ok(());
                         }
                     }
-                    _ = tokio::time::sleep(wait), if p.queue.is_empty() => {}
-                    _ = shutdown.changed() => {}
                 }
-            } else if !found {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
+                _ = tokio::time::sleep(wait) => {
+                    if p.idle() && st.cur.is_none() {
+                        idle = true;
+                    }
                 }
+                _ = shutdown.changed() => {}
             }
         }
+    }
+
+    /// Handles one event of the replication stream; returns the rows it added.
+    async fn on_event(
+        &mut self,
+        db: &tokio_postgres::Client,
+        p: &mut Pipeline,
+        st: &mut DecodeState,
+        ev: pgwire_replication::Result<Option<ReplicationEvent>>,
+    ) -> Result<usize> {
+        let ev = ev
+            .map_err(|e| replication_error(e, &self.slot))?
+            .context("the replication stream ended")?;
+        let (flush_rows, flush_bytes) = (self.opts.flush_rows, self.opts.flush_bytes);
+        match ev {
+            ReplicationEvent::Begin {
+                final_lsn: _,
+                commit_time_micros,
+                ..
+            } => {
+                let hlc = micros_to_hlc(commit_time_micros).max(next(st.hlc.max(self.floor)));
+                st.updated.clear();
+                st.updated.push_str(&hlc.to_string());
+                st.cur = Some(Txn {
+                    end_lsn: 0,
+                    hlc,
+                    commit_micros: commit_time_micros,
+                    buf: Vec::new(),
+                    lines: Vec::new(),
+                });
+                Ok(0)
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                let Some(mut t) = st.cur.take() else {
+                    return Ok(0);
+                };
+                t.end_lsn = end_lsn.as_u64();
+                let rows = t.lines.len();
+                if rows == 0 {
+                    t.hlc = st.hlc;
+                } else {
+                    st.hlc = t.hlc;
+                }
+                push_item(p, Item::Txn(t), flush_rows, flush_bytes);
+                Ok(rows)
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let msg = pgoutput::decode(&data)?;
+                self.on_message(db, st, msg).await?;
+                Ok(0)
+            }
+            ReplicationEvent::Message {
+                transactional: false,
+                lsn,
+                prefix,
+                content,
+            } if prefix == self.probe_prefix => {
+                let content = String::from_utf8_lossy(&content).into_owned();
+                // Everything after our probe is stamped above its time.
+                if let Some(pr) = self.probe.as_ref().filter(|pr| pr.content == content) {
+                    st.hlc = st.hlc.max(pr.at);
+                }
+                push_item(
+                    p,
+                    Item::Probe {
+                        lsn: lsn.as_u64(),
+                        content,
+                    },
+                    flush_rows,
+                    flush_bytes,
+                );
+                Ok(0)
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Every change before this point was decoded; with nothing
+                // pending, the slot may move past WAL of other tables.
+                if p.idle() && st.cur.is_none() {
+                    self.pending_advance(wal_end.as_u64());
+                }
+                Ok(0)
+            }
+            ReplicationEvent::StoppedAt { .. } | ReplicationEvent::Message { .. } => Ok(0),
+        }
+    }
+
+    /// Decodes one pgoutput message inside (or about) the open transaction.
+    async fn on_message(
+        &mut self,
+        db: &tokio_postgres::Client,
+        st: &mut DecodeState,
+        msg: Message<'_>,
+    ) -> Result<()> {
+        match msg {
+            Message::Relation {
+                relid,
+                namespace,
+                name,
+                columns,
+            } => {
+                let table = self
+                    .wanted
+                    .contains(&(namespace.clone(), name.clone()))
+                    .then(|| TableInfo {
+                        schema: namespace.as_str().into(),
+                        name: name.as_str().into(),
+                    });
+                let mut key_idx = Vec::new();
+                if table.is_some() {
+                    let pk = self.primary_key(db, relid).await?;
+                    for k in &pk {
+                        if let Some(i) = columns.iter().position(|c| &c.name == k) {
+                            key_idx.push(i);
+                        }
+                    }
+                    if key_idx.is_empty() {
+                        key_idx = (0..columns.len()).collect();
+                    }
+                }
+                let name_json = columns
+                    .iter()
+                    .map(|c| {
+                        let mut v = Vec::new();
+                        values::write_str(&mut v, &c.name);
+                        v.push(b':');
+                        v
+                    })
+                    .collect();
+                let topic_json = table.as_ref().map(|t| {
+                    let mut v = Vec::new();
+                    values::write_str(&mut v, &t.name);
+                    v
+                });
+                self.rels.insert(
+                    relid,
+                    Rel {
+                        table,
+                        columns,
+                        key_idx,
+                        name_json,
+                        topic_json: topic_json.unwrap_or_default(),
+                    },
+                );
+            }
+            Message::Insert { relid, new } => {
+                if let Some(t) = st.cur.as_mut() {
+                    self.write_row(t, relid, None, Some(&new), &st.updated, &mut st.scratch);
+                }
+            }
+            Message::Update { relid, old, new } => {
+                if let Some(t) = st.cur.as_mut() {
+                    self.write_row(
+                        t,
+                        relid,
+                        old.as_deref(),
+                        Some(&new),
+                        &st.updated,
+                        &mut st.scratch,
+                    );
+                }
+            }
+            Message::Delete { relid, old } => {
+                if let Some(t) = st.cur.as_mut() {
+                    self.write_row(t, relid, Some(&old), None, &st.updated, &mut st.scratch);
+                }
+            }
+            Message::Truncate { relids }
+                if relids
+                    .iter()
+                    .any(|r| self.rels.get(r).is_some_and(|r| r.table.is_some())) =>
+            {
+                tracing::warn!(
+                    "TRUNCATE of a replicated table is not sent (changefeeds have no truncate)"
+                );
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// A resolved checkpoint is due and would say something new.
@@ -1269,199 +1465,6 @@ impl Feed {
         }
     }
 
-    /// Advances the slot to the acknowledged point when forced, when the
-    /// pipeline is empty, or at most every 100 ms while busy (every advance
-    /// decodes the WAL it skips, and peeks re-read what was not advanced past).
-    async fn maybe_advance(
-        &mut self,
-        db: &tokio_postgres::Client,
-        p: &Pipeline,
-        force: bool,
-    ) -> Result<()> {
-        if self.want_advance > self.advanced_to
-            && (force || p.idle() || self.last_advance_at.elapsed() >= Duration::from_millis(100))
-        {
-            self.acknowledge(db, None, true).await?;
-            self.last_advance_at = Instant::now();
-        }
-        Ok(())
-    }
-
-    /// Decodes peeked rows into complete transactions and probes committed
-    /// after `skip_through`, writing each row's payload entry with its
-    /// transaction's `updated` (strictly above `hlc`).
-    async fn decode(
-        &mut self,
-        db: &tokio_postgres::Client,
-        rows: &[tokio_postgres::Row],
-        skip_through: u64,
-        mut hlc: Hlc,
-    ) -> Result<Decoded> {
-        let mut d = Decoded {
-            items: Vec::new(),
-            incomplete: false,
-            skipped: 0,
-            msgs: 0,
-            through: 0,
-            hlc,
-        };
-        // The open transaction: None when skipped.
-        let mut cur: Option<Txn> = None;
-        let mut in_txn = false;
-        let mut skipping = false;
-        let mut updated = String::new();
-        let mut scratch: Vec<Option<(usize, usize)>> = Vec::new();
-        let mut cur_lsn = 0;
-        for row in rows {
-            let data: &[u8] = row.get(0);
-            let msg = pgoutput::decode(data)?;
-            if let Message::Begin { final_lsn, .. } = &msg {
-                skipping = *final_lsn <= skip_through;
-            }
-            if skipping {
-                d.skipped += 1;
-            } else {
-                d.msgs += 1;
-            }
-            match msg {
-                Message::Begin {
-                    final_lsn,
-                    commit_micros,
-                    ..
-                } => {
-                    in_txn = true;
-                    cur = None;
-                    if skipping {
-                        continue;
-                    }
-                    cur_lsn = final_lsn;
-                    let txn_hlc = micros_to_hlc(commit_micros).max(next(hlc));
-                    updated.clear();
-                    updated.push_str(&txn_hlc.to_string());
-                    cur = Some(Txn {
-                        end_lsn: 0,
-                        hlc: txn_hlc,
-                        commit_micros,
-                        buf: Vec::new(),
-                        lines: Vec::new(),
-                    })
-                }
-                Message::Commit { end_lsn, .. } => {
-                    in_txn = false;
-                    skipping = false;
-                    if let Some(mut t) = cur.take() {
-                        d.through = cur_lsn;
-                        t.end_lsn = end_lsn;
-                        if t.lines.is_empty() {
-                            t.hlc = hlc;
-                        } else {
-                            hlc = t.hlc;
-                        }
-                        d.items.push(Item::Txn(t));
-                    }
-                }
-                Message::Relation {
-                    relid,
-                    namespace,
-                    name,
-                    columns,
-                } => {
-                    let table = self
-                        .wanted
-                        .contains(&(namespace.clone(), name.clone()))
-                        .then(|| TableInfo {
-                            schema: namespace.as_str().into(),
-                            name: name.as_str().into(),
-                        });
-                    let mut key_idx = Vec::new();
-                    if table.is_some() {
-                        let pk = self.primary_key(db, relid).await?;
-                        for k in &pk {
-                            if let Some(i) = columns.iter().position(|c| &c.name == k) {
-                                key_idx.push(i);
-                            }
-                        }
-                        if key_idx.is_empty() {
-                            key_idx = (0..columns.len()).collect();
-                        }
-                    }
-                    let name_json = columns
-                        .iter()
-                        .map(|c| {
-                            let mut v = Vec::new();
-                            values::write_str(&mut v, &c.name);
-                            v.push(b':');
-                            v
-                        })
-                        .collect();
-                    let topic_json = table.as_ref().map(|t| {
-                        let mut v = Vec::new();
-                        values::write_str(&mut v, &t.name);
-                        v
-                    });
-                    self.rels.insert(
-                        relid,
-                        Rel {
-                            table,
-                            columns,
-                            key_idx,
-                            name_json,
-                            topic_json: topic_json.unwrap_or_default(),
-                        },
-                    );
-                }
-                Message::Insert { relid, new } => {
-                    if let Some(t) = cur.as_mut() {
-                        self.write_row(t, relid, None, Some(&new), &updated, &mut scratch);
-                    }
-                }
-                Message::Update { relid, old, new } => {
-                    if let Some(t) = cur.as_mut() {
-                        self.write_row(
-                            t,
-                            relid,
-                            old.as_deref(),
-                            Some(&new),
-                            &updated,
-                            &mut scratch,
-                        );
-                    }
-                }
-                Message::Delete { relid, old } => {
-                    if let Some(t) = cur.as_mut() {
-                        self.write_row(t, relid, Some(&old), None, &updated, &mut scratch);
-                    }
-                }
-                Message::Truncate { relids }
-                    if !skipping
-                        && relids
-                            .iter()
-                            .any(|r| self.rels.get(r).is_some_and(|r| r.table.is_some())) =>
-                {
-                    tracing::warn!(
-                        "TRUNCATE of a replicated table is not sent (changefeeds have no truncate)"
-                    );
-                }
-                Message::LogicalMessage {
-                    transactional: false,
-                    lsn,
-                    prefix,
-                    content,
-                } if prefix == self.probe_prefix && lsn > skip_through => {
-                    d.through = d.through.max(lsn);
-                    d.items.push(Item::Probe {
-                        lsn,
-                        content: String::from_utf8_lossy(&content).into_owned(),
-                    });
-                }
-                _ => {}
-            }
-        }
-        d.incomplete = in_txn;
-        d.hlc = hlc;
-        Ok(d)
-    }
-
     async fn primary_key(
         &mut self,
         db: &tokio_postgres::Client,
@@ -1484,30 +1487,42 @@ impl Feed {
         Ok(pk)
     }
 
-    /// Records that everything through `boundary` was acknowledged; with
-    /// `advance`, moves the slot there.
-    async fn acknowledge(
-        &mut self,
-        db: &tokio_postgres::Client,
-        boundary: Option<(u64, Hlc)>,
-        advance: bool,
-    ) -> Result<()> {
-        if let Some((lsn, hlc)) = boundary {
-            self.floor = self.floor.max(hlc);
-            self.pending_advance(lsn);
-        }
-        if advance && self.want_advance > self.advanced_to {
-            let to = pgoutput::lsn_to_string(self.want_advance);
-            db.execute(
-                "SELECT pg_replication_slot_advance($1::text::name, $2::text::pg_lsn)",
-                &[&self.slot, &to],
-            )
-            .await
-            .with_context(|| format!("advancing slot {} to {to}", self.slot))?;
-            tracing::trace!(slot = %self.slot, "advanced to {to}");
+    /// Reports the acknowledged position to the server (sent with the next
+    /// standby status update): the slot's confirmed position moves there.
+    fn report_position(&mut self, repl: &ReplicationClient) {
+        if self.want_advance > self.advanced_to {
+            repl.update_applied_lsn(Lsn::from_u64(self.want_advance));
             self.advanced_to = self.want_advance;
         }
-        Ok(())
+    }
+
+    /// After the stream stopped: writes the acknowledged position into the
+    /// slot (the last status update may not have reached the server). The
+    /// walsender releases the slot as it exits, so this waits a little for it.
+    async fn persist_position(&mut self, db: &tokio_postgres::Client) {
+        if self.want_advance == 0 {
+            return;
+        }
+        let to = pgoutput::lsn_to_string(self.want_advance);
+        for _ in 0..40 {
+            match db
+                .execute(
+                    "SELECT pg_replication_slot_advance($1::text::name, $2::text::pg_lsn) \
+                     FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
+                    &[&self.slot, &to],
+                )
+                .await
+            {
+                Ok(_) => return,
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(slot = %self.slot, "could not record the position {to} in the slot: {e}");
+                    return;
+                }
+            }
+        }
     }
 
     fn pending_advance(&mut self, lsn: u64) {

@@ -1,5 +1,5 @@
-//! The `pgoutput` logical replication protocol (version 1), as returned by
-//! `pg_logical_slot_peek_binary_changes`: one message per row.
+//! The `pgoutput` logical replication protocol (version 1), one message per
+//! XLogData of a replication stream (one per row change).
 //! See "Logical Replication Message Formats" in the PostgreSQL manual.
 
 use std::borrow::Cow;
