@@ -96,7 +96,10 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'meridian_stamp') THEN
     EXECUTE format('DROP TRIGGER meridian_stamp ON %s', tbl);
   END IF;
+  -- The WHEN clause keeps meridian's own writes from calling PL/pgSQL at all
+  -- (the function checks again, for callers that fire it some other way).
   EXECUTE format('CREATE TRIGGER meridian_stamp BEFORE INSERT OR UPDATE ON %s '
-                 'FOR EACH ROW EXECUTE FUNCTION meridian_stamp(%L, %L)', tbl, region, margin::text);
+                 'FOR EACH ROW WHEN (current_setting(''meridian.applying'', true) IS DISTINCT FROM ''on'') '
+                 'EXECUTE FUNCTION meridian_stamp(%L, %L)', tbl, region, margin::text);
 END
 $$;

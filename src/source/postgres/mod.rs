@@ -1032,17 +1032,23 @@ impl Feed {
                 );
             }
             // The batch being filled goes when the stream has nothing more for
-            // now and nothing is in flight (a trickle goes at once; under load
-            // batches fill up while others travel), after --flushFrequency.
+            // now, after --flushFrequency: at once when nothing is in flight (a
+            // trickle goes in commit order, one batch at a time); beside
+            // batches in flight only once it is a bulk batch of whole
+            // transactions (a tenth of --flushRows), which may travel
+            // concurrently like a full one. Under load batches fill up while
+            // others travel.
+            let bulk = p.builder.rows >= (self.opts.flush_rows / 10).max(1) && !p.builder.split;
             if caught_up
-                && p.in_flight == 0
+                && (p.in_flight == 0 || bulk && p.in_flight < max_in_flight)
                 && p.queue.is_empty()
                 && !p.builder.is_empty()
                 && self
                     .pending_since
                     .is_none_or(|t| t.elapsed() >= self.opts.flush_frequency)
             {
-                flush_tail(&mut p);
+                let out = p.builder.finish(bulk);
+                p.queue.push_back(Step::Batch(out));
                 self.pending_since = None;
             }
             if p.idle() && st.cur.is_none() {
