@@ -686,3 +686,171 @@ async fn table_options_map_ignore_extras_exprs() {
         vec![r#"1|ADA|{"color": "red", "mapped": true}"#]
     );
 }
+
+/// Typed columns travel as binary arrays when every value converts exactly,
+/// and as text for the server to parse otherwise; either way each stored
+/// value equals PostgreSQL's own reading of the value sent.
+#[tokio::test]
+async fn typed_columns_round_trip_exactly() {
+    let f = fixture(
+        "typed_round_trip",
+        "CREATE TABLE t (id INT8 PRIMARY KEY, i2 INT2, i4 INT4, i8 INT8, f4 FLOAT4, f8 FLOAT8,
+           b BOOL, by BYTEA, tz TIMESTAMPTZ, ts TIMESTAMP, t3 TIMESTAMPTZ(3), u UUID, n NUMERIC(40,20))",
+        &[],
+    )
+    .await;
+    const COLS: [(&str, &str); 12] = [
+        ("i2", "int2"),
+        ("i4", "int4"),
+        ("i8", "int8"),
+        ("f4", "float4"),
+        ("f8", "float8"),
+        ("b", "bool"),
+        ("by", "bytea"),
+        ("tz", "timestamptz"),
+        ("ts", "timestamp"),
+        ("t3", "timestamptz(3)"),
+        ("u", "uuid"),
+        ("n", "numeric(40,20)"),
+    ];
+    // (JSON value, the SQL literal PostgreSQL must read it as), per column.
+    type Row = [(&'static str, &'static str); 12];
+    let typed: Vec<Row> = vec![
+        [
+            ("-32768", "-32768"),
+            ("2147483647", "2147483647"),
+            ("-9223372036854775808", "-9223372036854775808"),
+            ("1.5", "1.5"),
+            ("0.1", "0.1"),
+            ("true", "true"),
+            (r#""\\xdeadBEEF""#, r"\xdeadbeef"),
+            (
+                r#""2026-03-04T05:06:07.123456Z""#,
+                "2026-03-04T05:06:07.123456Z",
+            ),
+            (r#""2026-03-04 05:06:07.5""#, "2026-03-04 05:06:07.5"),
+            (
+                r#""2026-03-04T05:06:07.1235Z""#,
+                "2026-03-04T05:06:07.1235Z",
+            ),
+            (
+                r#""6f1c1a58-5d0b-4a55-8f5e-0d9b6a3b2c11""#,
+                "6f1c1a58-5d0b-4a55-8f5e-0d9b6a3b2c11",
+            ),
+            (
+                "12345678901234567890.12345678901234567891",
+                "12345678901234567890.12345678901234567891",
+            ),
+        ],
+        [
+            (r#""7""#, "7"),
+            ("-0", "0"),
+            (r#""0042""#, "42"),
+            ("3.4028235e38", "3.4028235e38"),
+            ("-2.5e-300", "-2.5e-300"),
+            (r#""f""#, "false"),
+            (r#""AQI=""#, r"\x0102"),
+            (
+                r#""2026-03-04T05:06:07+05:30""#,
+                "2026-03-04T05:06:07+05:30",
+            ),
+            (
+                r#""2026-03-04T05:06:07.000001-08:00""#,
+                "2026-03-04T05:06:07.000001-08:00",
+            ),
+            (
+                r#""1999-12-31 23:59:59.9999-0130""#,
+                "1999-12-31 23:59:59.9999-0130",
+            ),
+            (
+                r#""6F1C1A585D0B4A558F5E0D9B6A3B2C11""#,
+                "6f1c1a58-5d0b-4a55-8f5e-0d9b6a3b2c11",
+            ),
+            (r#""-0.5""#, "-0.5"),
+        ],
+        [
+            ("0", "0"),
+            ("1", "1"),
+            ("9223372036854775807", "9223372036854775807"),
+            ("0", "0"),
+            ("-0.0", "-0.0"),
+            ("false", "false"),
+            (r#""\\x""#, r"\x"),
+            (r#""0001-01-01T00:00:00Z""#, "0001-01-01T00:00:00Z"),
+            (
+                r#""9999-12-31T23:59:59.999999+15:59""#,
+                "9999-12-31T23:59:59.999999+15:59",
+            ),
+            (
+                r#""2024-02-29T12:00:00.0005+00""#,
+                "2024-02-29T12:00:00.0005+00",
+            ),
+            (
+                r#""00000000-0000-0000-0000-000000000000""#,
+                "00000000-0000-0000-0000-000000000000",
+            ),
+            ("1e3", "1e3"),
+        ],
+        [("null", "NULL"); 12],
+    ];
+    // Values only the server reads exactly: the whole column goes as text.
+    let text: Row = [
+        ("1", "1"),
+        ("2", "2"),
+        ("3", "3"),
+        (r#""Infinity""#, "Infinity"),
+        (r#""1e-310""#, "1e-310"),
+        ("true", "true"),
+        (r#""\\x00""#, r"\x00"),
+        (r#""2026-03-04 05:06:07""#, "2026-03-04 05:06:07"),
+        (r#""infinity""#, "infinity"),
+        (
+            r#""2026-03-04T05:06:07.1234565Z""#,
+            "2026-03-04T05:06:07.1234565Z",
+        ),
+        (
+            r#""{6f1c1a58-5d0b-4a55-8f5e-0d9b6a3b2c11}""#,
+            "6f1c1a58-5d0b-4a55-8f5e-0d9b6a3b2c11",
+        ),
+        (r#""NaN""#, "NaN"),
+    ];
+    let row = |id: usize, r: &Row| {
+        let after: Vec<String> = COLS
+            .iter()
+            .zip(r)
+            .map(|((c, _), (json, _))| format!("\"{c}\":{json}"))
+            .collect();
+        format!(
+            r#"{{"after":{{"id":{id},{}}},"key":[{id}],"topic":"t","updated":"1.0"}}"#,
+            after.join(",")
+        )
+    };
+    let mut expect: Vec<(usize, &Row)> = typed.iter().enumerate().collect();
+    let first = batch(&expect.iter().map(|(i, r)| row(*i, r)).collect::<Vec<_>>());
+    // A typed value before and a NULL after the ones that need text.
+    let mixed = [(10, &typed[0]), (11, &text), (12, &typed[3])];
+    let second = batch(&mixed.iter().map(|(i, r)| row(*i, r)).collect::<Vec<_>>());
+    expect.extend(mixed);
+    for body in [&first, &second, &first] {
+        let (status, out) = f.post("/typed_round_trip/public", body.clone()).await;
+        assert_eq!(status, 200, "{out}");
+    }
+    for (id, r) in expect {
+        for ((c, ty), (json, lit)) in COLS.iter().zip(r) {
+            let want = if *lit == "NULL" {
+                "NULL".to_string()
+            } else {
+                format!("'{lit}'::{ty}")
+            };
+            let same = f
+                .dump(&format!(
+                    "SELECT {c} IS NOT DISTINCT FROM {want}, {c} FROM t WHERE id = {id}"
+                ))
+                .await;
+            assert!(
+                same.len() == 1 && same[0].starts_with("t|"),
+                "row {id} column {c}: sent {json}, want {want}, stored {same:?}"
+            );
+        }
+    }
+}

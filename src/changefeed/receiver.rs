@@ -19,6 +19,7 @@ use crate::script::{
     TableConfig, TableName, Userscript,
 };
 use crate::target::apply::{self, DlqEntry, TableBatch, WriteRules};
+use crate::target::convert::Values;
 use crate::target::merge::{three_way, ThreeWay};
 use crate::target::{TableSchema, Target, TargetError};
 
@@ -755,7 +756,10 @@ fn batch_for_columns<'a>(
     docs: &[(usize, Option<&'a Document>)],
     columns: &[usize],
 ) -> Result<(TableBatch<'a>, Vec<bool>), ReceiveError> {
-    let mut values = vec![Vec::with_capacity(docs.len()); columns.len()];
+    let mut values: Vec<Values> = columns
+        .iter()
+        .map(|&c| Values::new(schema.columns[c].wire, docs.len()))
+        .collect();
     let mut present = Vec::with_capacity(docs.len());
     for (_, doc) in docs {
         present.push(doc.is_some());
@@ -788,11 +792,7 @@ fn select_rows<'a>(batch: &TableBatch<'a>, rows: &[usize]) -> TableBatch<'a> {
     TableBatch {
         ords: rows.iter().map(|&r| batch.ords[r]).collect(),
         columns: batch.columns.clone(),
-        values: batch
-            .values
-            .iter()
-            .map(|col| rows.iter().map(|&r| col[r].clone()).collect())
-            .collect(),
+        values: batch.values.iter().map(|col| col.select(rows)).collect(),
     }
 }
 

@@ -27,6 +27,7 @@
   }
   const levels = { trace: 0, debug: 1, log: 2, info: 2, warn: 3, error: 4 };
   const console = {};
+  const methods = [];
   for (const name of Object.keys(levels)) {
     const lvl = levels[name];
     const method = function (...args) {
@@ -37,10 +38,18 @@
       native.log(lvl, msg);
     };
     // Read by the guard transpiling puts before console statements (see
-    // console_guard.rs), so their arguments are built only when logged.
-    Object.defineProperty(method, "enabled", { get: () => lvl >= native.level });
+    // console_guard.rs), so their arguments are built only when logged. A
+    // data property (read-only to scripts), set again by `native.setLevel`
+    // when the daemon's level changes: a getter would be a function call
+    // per console statement per row.
+    Object.defineProperty(method, "enabled", { value: lvl >= native.level, configurable: true });
+    methods.push([method, lvl]);
     console[name] = method;
   }
+  native.setLevel = function (level) {
+    native.level = level;
+    for (const [m, lvl] of methods) Object.defineProperty(m, "enabled", { value: lvl >= level });
+  };
   Object.defineProperty(globalThis, "console", {
     value: console,
     writable: true,
@@ -189,9 +198,12 @@
     return JSON.stringify(out);
   }
 
-  // A function building a document from its values, one per property list
-  // (an object literal: faster than defining properties one by one). It
-  // reads the values from the flat input array `a` at offset `o`.
+  // Two functions per property list, generated once: `make` builds a
+  // document from its values (an object literal: faster than defining
+  // properties one by one) and `same` tells whether a document still has
+  // exactly those properties and values (static property reads: a computed
+  // read hashes the name every time). Both read the values from the flat
+  // input array `a` at offset `o`.
   // Taken now, before a script can replace them.
   const NewFunction = Function;
   const ObjectProto = Object.prototype;
@@ -199,13 +211,26 @@
   const keysOf = Object.keys;
   const isArray = Array.isArray;
   const makers = new Map();
+  const IDENT = /^[A-Za-z_$][A-Za-z0-9_$]*$/;
   function maker(cols) {
     const id = JSON.stringify(cols);
     let f = makers.get(id);
     if (f === undefined) {
-      let body = "return {";
-      for (let j = 0; j < cols.length; j++) body += (j ? "," : "") + JSON.stringify(cols[j]) + ":a[o+" + j + "]";
-      f = new NewFunction("a", "o", body + "};");
+      let make = "return {";
+      let same = "return protoOf(d) === ObjectProto && keysOf(d).length === " + cols.length;
+      for (let j = 0; j < cols.length; j++) {
+        const name = JSON.stringify(cols[j]);
+        make += (j ? "," : "") + name + ":a[o+" + j + "]";
+        same += " && d" + (IDENT.test(cols[j]) ? "." + cols[j] : "[" + name + "]") + " === a[o+" + j + "]";
+      }
+      f = {
+        make: new NewFunction("a", "o", make + "};"),
+        same: new NewFunction("protoOf", "ObjectProto", "keysOf", "return function (d, a, o) { " + same + "; };")(
+          protoOf,
+          ObjectProto,
+          keysOf
+        ),
+      };
       if (makers.size >= 256) makers.clear();
       makers.set(id, f);
     }
@@ -218,22 +243,13 @@
     return p === ObjectProto || p === null;
   }
 
-  // True when `doc` still has exactly the properties it was built with,
-  // from a[o], a[o+1], ...
-  function unchanged(doc, cols, a, o) {
-    if (protoOf(doc) !== ObjectProto) return false;
-    if (keysOf(doc).length !== cols.length) return false;
-    for (let j = 0; j < cols.length; j++) if (doc[cols[j]] !== a[o + j]) return false;
-    return true;
-  }
-
   // A dispatch result with each document that is the row's own, unchanged,
   // replaced by 0 and every other one wrapped as [document].
-  function encodeRouted(v, doc, cols, a, o) {
+  function encodeRouted(v, doc, same, a, o) {
     if (v === undefined) return null;
     if (!isPlain(v) || typeof v.toJSON === "function") return v;
     const out = Object.create(null);
-    let same;
+    let kept;
     for (const t of keysOf(v)) {
       const list = v[t];
       if (!isArray(list)) {
@@ -244,8 +260,8 @@
       for (let k = 0; k < list.length; k++) {
         const d = list[k];
         if (d === doc) {
-          if (same === undefined) same = unchanged(doc, cols, a, o);
-          l[k] = same ? 0 : [d];
+          if (kept === undefined) kept = same(doc, a, o);
+          l[k] = kept ? 0 : [d];
         } else l[k] = [d];
       }
       out[t] = l;
@@ -269,7 +285,7 @@
     const shapes = input[1];
     const topics = input[2];
     const a = input[3];
-    const make = shapes.map(maker);
+    const fns = shapes.map(maker);
     const tables = [];
     const codes = [];
     const results = [];
@@ -285,11 +301,13 @@
       let meta;
       if (nk < 0) meta = { schema: schema, table: table, nanos: nanos, logical: logical };
       else {
-        meta = { schema: schema, table: table, nanos: nanos, logical: logical, key: a.slice(o, o + nk) };
+        // Nearly every key has one column: a literal is cheaper than slice.
+        const key = nk === 1 ? [a[o]] : a.slice(o, o + nk);
+        meta = { schema: schema, table: table, nanos: nanos, logical: logical, key: key };
         o += nk;
       }
-      const cols = shape >= 0 ? shapes[shape] : null;
-      const doc = shape >= 0 ? make[shape](a, o) : a[o];
+      const f = shape >= 0 ? fns[shape] : null;
+      const doc = shape >= 0 ? f.make(a, o) : a[o];
       const v = del ? s.deletesTo(doc, meta) : s.dispatch(doc, meta);
       if (v === undefined || v === null) codes.push(-1);
       else if (shape >= 0 && protoOf(v) === ObjectProto) {
@@ -301,20 +319,20 @@
           isArray((list = v[ks[0]])) &&
           list.length === 1 &&
           list[0] === doc &&
-          unchanged(doc, cols, a, o)
+          f.same(doc, a, o)
         ) {
           let t = tables.indexOf(ks[0]);
           if (t < 0) t = tables.push(ks[0]) - 1;
           codes.push(t);
         } else {
           codes.push(-2 - results.length);
-          results.push(encodeRouted(v, doc, cols, a, o));
+          results.push(encodeRouted(v, doc, f.same, a, o));
         }
       } else {
         codes.push(-2 - results.length);
-        results.push(shape >= 0 ? encodeRouted(v, doc, cols, a, o) : v);
+        results.push(shape >= 0 ? encodeRouted(v, doc, f.same, a, o) : v);
       }
-      o += shape >= 0 ? cols.length : 1;
+      o += shape >= 0 ? shapes[shape].length : 1;
     }
     return JSON.stringify([tables, codes, results]);
   }

@@ -219,6 +219,8 @@ pub struct Worker {
     state: Rc<State>,
     program: Arc<Program>,
     limits: Limits,
+    /// The console level the script's `console.X.enabled` flags reflect.
+    level: i32,
 }
 
 /// The tracing level a console method maps to (0 trace … 4 error).
@@ -289,6 +291,7 @@ impl Worker {
             state,
             program,
             limits,
+            level: if quiet { 5 } else { min_level() },
         };
         let setup = worker
             .ctx
@@ -315,7 +318,7 @@ impl Worker {
                         },
                     )?,
                 )?;
-                native.set("level", if quiet { 5 } else { min_level() })?;
+                native.set("level", worker.level)?;
                 ctx.globals().set("__meridian_native", native.clone())?;
                 ctx.eval::<(), _>(BOOTSTRAP)?;
                 Ok(Persistent::save(&ctx, native))
@@ -391,9 +394,17 @@ impl Worker {
         self.arm();
         *self.state.tx.borrow_mut() = tx.as_ref().map(|t| t.requests.clone());
         let native = self.native.clone();
+        let mut shown = self.level;
         let res = self.ctx.with(|ctx| -> Result<String, ScriptError> {
-            if let Some(n) = native.and_then(|n| n.restore(&ctx).ok()) {
-                let _ = n.set("level", level);
+            // The flags are data properties, rewritten only on a change.
+            if level != shown {
+                if let Some(n) = native.and_then(|n| n.restore(&ctx).ok()) {
+                    if let Ok(set) = n.get::<_, Function>("setLevel") {
+                        if set.call::<_, ()>((level,)).is_ok() {
+                            shown = level;
+                        }
+                    }
+                }
             }
             let m: Object = ctx
                 .globals()
@@ -449,6 +460,7 @@ impl Worker {
             }
             out
         });
+        self.level = shown;
         *self.state.tx.borrow_mut() = None;
         self.disarm();
         // Drain jobs left behind (e.g. promises the script did not await).

@@ -686,3 +686,53 @@ api.configureSource("db.s", {
         ]
     );
 }
+
+/// The per-property-list "unchanged" check reads properties whose names are
+/// not identifiers too, and notices an added property; `meta.key` holds every
+/// key value.
+#[test]
+fn dispatch_notices_changes_under_any_property_name() {
+    let dir = dir_with(&[(
+        "main.ts",
+        r#"import * as api from "replicator@v1";
+api.configureSource("db.s", {
+  dispatch: (doc: any, meta: any) => {
+    switch (doc.k) {
+      case 1: return { t: [doc] };
+      case 2: doc["a-b"] = "z"; return { t: [doc] };
+      case 3: doc["0"] = "z"; return { t: [doc] };
+      case 4: doc.extra = 1; return { t: [doc] };
+      default: return { t: [{ k: doc.k, key: JSON.stringify(meta.key) }] };
+    }
+  },
+});
+"#,
+    )]);
+    let s = load(&dir, "main.ts").unwrap();
+    let doc = |k: i64| json!({"k": k, "a-b": "x", "class": true, "0": null, "x y": 1.5});
+    let mut batch: Vec<Mutation> = (1..=4).map(|k| upsert(doc(k), 1)).collect();
+    batch.push(Mutation {
+        key: Some(vec![json!(5), json!("b")]),
+        ..upsert(json!({"k": 5}), 1)
+    });
+    let routed = rt().block_on(s.dispatch("db", "s", None, batch)).unwrap();
+    let got: Vec<Value> = routed
+        .iter()
+        .map(|r| Value::Object(r.mutation.after.clone().unwrap()))
+        .collect();
+    let changed = |k: i64, f: &dyn Fn(&mut Value)| {
+        let mut d = doc(k);
+        f(&mut d);
+        d
+    };
+    assert_eq!(
+        got,
+        vec![
+            doc(1),
+            changed(2, &|d| d["a-b"] = json!("z")),
+            changed(3, &|d| d["0"] = json!("z")),
+            changed(4, &|d| d["extra"] = json!(1)),
+            json!({"k": 5, "key": "[5,\"b\"]"}),
+        ]
+    );
+}

@@ -1,8 +1,10 @@
 //! The one path that builds and runs apply SQL.
 //!
-//! Rows travel as one `text[]` per column through `unnest` and are cast to the
-//! column types on the server: one statement per table and kind, however many
-//! rows, with no bind-parameter ceiling. Compare-and-set is a single statement
+//! Rows travel as one array per column through `unnest` (typed binary arrays
+//! for the common types, `text[]` for the rest; see [`Values`]) and are cast
+//! to the column types on the server: one statement per table, kind and set
+//! of array types, however many rows, with no bind-parameter ceiling.
+//! Compare-and-set is a single statement
 //! (`INSERT … ON CONFLICT … DO UPDATE … WHERE cas > stored`) that locks and
 //! re-checks the stored row, so a concurrent local write cannot slip between
 //! the check and the write; rows the statement did not write are returned as
@@ -16,7 +18,7 @@ use deadpool_postgres::Transaction;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
-use super::convert::to_sql;
+use super::convert::{to_sql, Values};
 use super::schema::TableSchema;
 use super::sql::quote_ident;
 use super::TargetError;
@@ -41,8 +43,8 @@ pub struct TableBatch<'a> {
     pub ords: Vec<usize>,
     /// Indexes into the schema's columns, in table order.
     pub columns: Vec<usize>,
-    /// `values[c][r]`: column `c`'s input text for row `r` (None is NULL).
-    pub values: Vec<Vec<Option<Cow<'a, str>>>>,
+    /// `values[c]`: column `c`'s values, one per row.
+    pub values: Vec<Values<'a>>,
 }
 
 impl TableBatch<'_> {
@@ -141,7 +143,10 @@ pub fn prepare<'a>(
             last_group = *by_cols.entry(cols.clone()).or_insert_with(|| {
                 groups.push(TableBatch {
                     ords: Vec::with_capacity(docs.len()),
-                    values: vec![Vec::with_capacity(docs.len()); cols.len()],
+                    values: cols
+                        .iter()
+                        .map(|&c| Values::new(schema.columns[c].wire, docs.len()))
+                        .collect(),
                     columns: cols,
                 });
                 groups.len() - 1
@@ -161,7 +166,11 @@ pub fn prepare_keys<'a>(
     schema: &TableSchema,
     keys: &'a [(usize, Vec<Value>)],
 ) -> Result<TableBatch<'a>, TargetError> {
-    let mut values = vec![Vec::with_capacity(keys.len()); schema.pk.len()];
+    let mut values: Vec<Values> = schema
+        .pk
+        .iter()
+        .map(|&c| Values::new(schema.columns[c].wire, keys.len()))
+        .collect();
     for (_, key) in keys {
         if key.len() != schema.pk.len() {
             return Err(TargetError::MissingKey {
@@ -201,21 +210,27 @@ fn table_ref(schema: &TableSchema) -> String {
     )
 }
 
-/// `unnest($1::int4[], $2::text[], …) AS u(o, c0, c1, …)` and the typed
-/// select list `(u.c0)::bigint AS "k", …` for `columns`, with parameters
-/// numbered from `first_param`.
+/// The arrays `$2::int8[], $3::text[], …` for `batch`'s columns (parameters
+/// numbered from `first_param`, typed as its values travel) and the typed
+/// select list `(u.c0)::bigint AS "k", …` over the aliases `u.c0, u.c1, …`.
+/// The cast is a no-op for a typed array and the server's input function
+/// for a text one.
 fn unnest_source(
     schema: &TableSchema,
-    columns: &[usize],
+    batch: &TableBatch,
     rules: &WriteRules,
     prefix: &str,
     first_param: usize,
 ) -> (Vec<String>, Vec<String>) {
     let mut arrays = Vec::new();
     let mut select = Vec::new();
-    for (n, &ci) in columns.iter().enumerate() {
+    for (n, &ci) in batch.columns.iter().enumerate() {
         let col = &schema.columns[ci];
-        arrays.push(format!("${}::text[]", first_param + n));
+        arrays.push(format!(
+            "${}::{}",
+            first_param + n,
+            batch.values[n].array_type()
+        ));
         let raw = format!("(u.{prefix}{n})::{}", col.sql_type);
         let value = match rules.exprs.get(&col.name) {
             Some(expr) => format!("({})::{}", expr.replace("$0", &raw), col.sql_type),
@@ -254,11 +269,12 @@ fn tuple(schema: &TableSchema, alias: &str, cols: &[usize]) -> String {
 /// stored one; the statement's row count then tells whether any row lost.
 pub fn upsert_sql(
     schema: &TableSchema,
-    columns: &[usize],
+    batch: &TableBatch,
     cas: &[usize],
     rules: &WriteRules,
 ) -> String {
-    let (arrays, select) = unnest_source(schema, columns, rules, "c", 1);
+    let columns = &batch.columns;
+    let (arrays, select) = unnest_source(schema, batch, rules, "c", 1);
     let names: Vec<String> = columns
         .iter()
         .map(|&i| quote_ident(&schema.columns[i].name))
@@ -307,8 +323,9 @@ pub fn upsert_sql(
 /// stored row differs from the proposed one on any written column. The
 /// upsert locked every conflicting row, so the stored rows cannot change
 /// between the two statements.
-fn losers_sql(schema: &TableSchema, columns: &[usize], rules: &WriteRules) -> String {
-    let (arrays, select) = unnest_source(schema, columns, rules, "c", 2);
+fn losers_sql(schema: &TableSchema, batch: &TableBatch, rules: &WriteRules) -> String {
+    let columns = &batch.columns;
+    let (arrays, select) = unnest_source(schema, batch, rules, "c", 2);
     let comparable = |alias: &str| -> String {
         let parts: Vec<String> = columns
             .iter()
@@ -342,7 +359,7 @@ fn losers_sql(schema: &TableSchema, columns: &[usize], rules: &WriteRules) -> St
 fn params<'a>(ords: &'a Vec<i32>, batch: &'a TableBatch) -> Vec<&'a (dyn ToSql + Sync)> {
     let mut p: Vec<&(dyn ToSql + Sync)> = vec![ords];
     for col in &batch.values {
-        p.push(col);
+        p.push(col.as_param());
     }
     p
 }
@@ -365,12 +382,8 @@ pub async fn upsert(
     cas: &[usize],
     rules: &WriteRules,
 ) -> Result<Upserted, TargetError> {
-    let sql = upsert_sql(schema, &batch.columns, cas, rules);
-    let values: Vec<&(dyn ToSql + Sync)> = batch
-        .values
-        .iter()
-        .map(|c| c as &(dyn ToSql + Sync))
-        .collect();
+    let sql = upsert_sql(schema, batch, cas, rules);
+    let values: Vec<&(dyn ToSql + Sync)> = batch.values.iter().map(Values::as_param).collect();
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
     let written = tx.execute(&stmt, &values).await.map_err(TargetError::db)?;
     if cas.is_empty() || written as usize == batch.len() {
@@ -379,7 +392,7 @@ pub async fn upsert(
             losers: Vec::new(),
         });
     }
-    let sql = losers_sql(schema, &batch.columns, rules);
+    let sql = losers_sql(schema, batch, rules);
     let ords: Vec<i32> = (0..batch.len() as i32).collect();
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
     let rows = tx
@@ -407,7 +420,7 @@ pub async fn delete(
     cas_values: &TableBatch<'_>,
 ) -> Result<Vec<usize>, TargetError> {
     let rules = WriteRules::default();
-    let (key_arrays, key_select) = unnest_source(schema, &keys.columns, &rules, "k", 2);
+    let (key_arrays, key_select) = unnest_source(schema, keys, &rules, "k", 2);
     let ords: Vec<i32> = (0..keys.len() as i32).collect();
     let mut p = params(&ords, keys);
     let pk = pk_match(schema, "cur", "u");
@@ -422,7 +435,7 @@ pub async fn delete(
         )
     } else {
         let (cas_arrays, cas_select) =
-            unnest_source(schema, cas, &rules, "x", 2 + keys.columns.len());
+            unnest_source(schema, cas_values, &rules, "x", 2 + keys.columns.len());
         // The CAS values are aliased so they cannot collide with key columns.
         let cas_select: Vec<String> = cas_select
             .iter()
@@ -440,7 +453,7 @@ pub async fn delete(
                 .join(", ")
         );
         for col in &cas_values.values {
-            p.push(col);
+            p.push(col.as_param());
         }
         format!(
             "WITH u AS (SELECT u.mrd_o, {}, {} FROM unnest($1::int4[], {}, {}) AS u(mrd_o{}{})), \
@@ -506,9 +519,9 @@ pub async fn fetch_losers(
     let mut p: Vec<&(dyn ToSql + Sync)> = vec![&ords, &has_before];
     let mut arrays = vec!["$1::int4[]".to_string(), "$2::bool[]".to_string()];
     let mut alias = String::from("mrd_o, hb");
-    let (ka, ks) = unnest_source(schema, &keys.columns, &none, "k", 3);
+    let (ka, ks) = unnest_source(schema, keys, &none, "k", 3);
     for col in &keys.values {
-        p.push(col);
+        p.push(col.as_param());
     }
     arrays.extend(ka);
     alias.push_str(&aliases("k", keys.columns.len()));
@@ -529,10 +542,10 @@ pub async fn fetch_losers(
     let mut next = 3 + keys.columns.len();
     let proposed_expr = match proposed {
         Some(b) => {
-            let (pa, ps) = unnest_source(schema, &b.columns, rules, "p", next);
+            let (pa, ps) = unnest_source(schema, b, rules, "p", next);
             next += b.columns.len();
             for col in &b.values {
-                p.push(col);
+                p.push(col.as_param());
             }
             arrays.extend(pa);
             alias.push_str(&aliases("p", b.columns.len()));
@@ -542,9 +555,9 @@ pub async fn fetch_losers(
     };
     let before_expr = match before {
         Some((b, _)) if !b.columns.is_empty() => {
-            let (ba, bs) = unnest_source(schema, &b.columns, &none, "b", next);
+            let (ba, bs) = unnest_source(schema, b, &none, "b", next);
             for col in &b.values {
-                p.push(col);
+                p.push(col.as_param());
             }
             arrays.extend(ba);
             alias.push_str(&aliases("b", b.columns.len()));

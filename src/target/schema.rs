@@ -7,10 +7,11 @@ use std::sync::{Arc, RwLock};
 
 use tokio_postgres::GenericClient;
 
+use super::convert::Wire;
 use super::name::TableName;
 use super::TargetError;
 
-/// How a column's JSON values are turned into SQL input text.
+/// How a column's JSON values are checked and turned into SQL input text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Integer,
@@ -33,6 +34,8 @@ pub struct Column {
     /// The SQL type as `format_type` prints it (`bigint`, `numeric(10,2)`, `text[]`).
     pub sql_type: String,
     pub kind: Kind,
+    /// How its values travel to the server.
+    pub wire: Wire,
     pub not_null: bool,
     pub has_default: bool,
     /// A `GENERATED ALWAYS AS (…) STORED` column: never written.
@@ -117,6 +120,7 @@ pub async fn introspect(
             name: r.get(0),
             sql_type: r.get(1),
             kind: kind_of(r.get::<_, &str>(2), r.get::<_, &str>(3)),
+            wire: Wire::of(r.get::<_, &str>(2)),
             not_null: r.get(4),
             has_default: r.get(5),
             generated: r.get(6),
