@@ -557,16 +557,17 @@ fn push_item(p: &mut Pipeline, item: Item, flush_rows: usize, flush_bytes: usize
             b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
         }
         Item::Probe { lsn, content } => {
-            flush_tail(p);
+            flush_tail(p, false);
             p.queue.push_back(Step::Probe { lsn, content });
         }
     }
 }
 
-/// Queues the batch being filled, however small.
-fn flush_tail(p: &mut Pipeline) {
+/// Queues the batch being filled, however small; `concurrent`: it may travel
+/// beside batches in flight when its keys are not there.
+fn flush_tail(p: &mut Pipeline, concurrent: bool) {
     if !p.builder.is_empty() {
-        let out = p.builder.finish(false);
+        let out = p.builder.finish(concurrent);
         p.queue.push_back(Step::Batch(out));
     }
 }
@@ -1022,7 +1023,6 @@ impl Feed {
             }
             if rows > 0 {
                 idle = false;
-                self.pending_since.get_or_insert_with(Instant::now);
                 tracing::trace!(
                     rows,
                     queued = p.queue.len(),
@@ -1047,8 +1047,7 @@ impl Feed {
                     .pending_since
                     .is_none_or(|t| t.elapsed() >= self.opts.flush_frequency)
             {
-                let out = p.builder.finish(bulk);
-                p.queue.push_back(Step::Batch(out));
+                flush_tail(&mut p, bulk);
                 self.pending_since = None;
             }
             if p.idle() && st.cur.is_none() {
@@ -1089,10 +1088,7 @@ impl Feed {
             };
             tokio::select! {
                 ev = repl.recv(), if room => {
-                    if self.on_event(db, &mut p, &mut st, ev).await? > 0 {
-                        idle = false;
-                        self.pending_since.get_or_insert_with(Instant::now);
-                    }
+                    idle &= self.on_event(db, &mut p, &mut st, ev).await? == 0;
                 }
                 done = p.tasks.join_next(), if p.in_flight > 0 => {
                     if let Some(done) = done {
@@ -1111,7 +1107,8 @@ impl Feed {
         }
     }
 
-    /// Handles one event of the replication stream; returns the rows it added.
+    /// Handles one event of the replication stream; returns the rows it added
+    /// (and starts the --flushFrequency clock when it added some).
     async fn on_event(
         &mut self,
         db: &tokio_postgres::Client,
@@ -1153,6 +1150,9 @@ impl Feed {
                     st.hlc = t.hlc;
                 }
                 push_item(p, Item::Txn(t), flush_rows, flush_bytes);
+                if rows > 0 {
+                    self.pending_since.get_or_insert_with(Instant::now);
+                }
                 Ok(rows)
             }
             ReplicationEvent::XLogData { data, .. } => {
