@@ -212,6 +212,26 @@
   const isArray = Array.isArray;
   const makers = new Map();
   const IDENT = /^[A-Za-z_$][A-Za-z0-9_$]*$/;
+
+  // QuickJS frees an object's shape (its property layout) with the last
+  // object using it, and an object literal passes through one shape per
+  // property: with nothing holding them, every row would build the whole
+  // chain again (clone, grow, rehash). One object per prefix of a property
+  // list keeps each shape alive, so later literals only look them up.
+  function keepShapes(cols) {
+    const kept = [];
+    for (let j = 1; j <= cols.length; j++) {
+      const o = {};
+      for (let i = 0; i < j; i++) o[cols[i]] = null;
+      kept.push(o);
+    }
+    return kept;
+  }
+  // Held by `reg` (which the entry points use), so they live as long as the runtime.
+  reg.metaShapes = [
+    keepShapes(["schema", "table", "nanos", "logical"]),
+    keepShapes(["schema", "table", "nanos", "logical", "key"]),
+  ];
   function maker(cols) {
     const id = JSON.stringify(cols);
     let f = makers.get(id);
@@ -224,6 +244,7 @@
         same += " && d" + (IDENT.test(cols[j]) ? "." + cols[j] : "[" + name + "]") + " === a[o+" + j + "]";
       }
       f = {
+        shapes: keepShapes(cols),
         make: new NewFunction("a", "o", make + "};"),
         same: new NewFunction("protoOf", "ObjectProto", "keysOf", "return function (d, a, o) { " + same + "; };")(
           protoOf,
@@ -289,14 +310,19 @@
     const tables = [];
     const codes = [];
     const results = [];
+    // JSON.parse yields every number as a double, and QuickJS reads an
+    // array through a double index by converting it to a property name
+    // (number to string, then an atom lookup): `| 0` keeps `o` and every
+    // index a small integer, which takes the fast array path.
     let o = 0;
+    let held;
     while (o < a.length) {
-      const shape = a[o];
+      const shape = a[o] | 0;
       const del = a[o + 1] === 1;
-      const table = topics[a[o + 2]];
+      const table = topics[a[o + 2] | 0];
       const nanos = a[o + 3];
       const logical = a[o + 4];
-      const nk = a[o + 5];
+      const nk = a[o + 5] | 0;
       o += 6;
       let meta;
       if (nk < 0) meta = { schema: schema, table: table, nanos: nanos, logical: logical };
@@ -309,6 +335,9 @@
       const f = shape >= 0 ? fns[shape] : null;
       const doc = shape >= 0 ? f.make(a, o) : a[o];
       const v = del ? s.deletesTo(doc, meta) : s.dispatch(doc, meta);
+      // Holding the previous row's result until this one exists keeps the
+      // shapes of the script's own literals alive (see keepShapes).
+      held = v;
       if (v === undefined || v === null) codes.push(-1);
       else if (shape >= 0 && protoOf(v) === ObjectProto) {
         const ks = keysOf(v);
