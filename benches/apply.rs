@@ -25,6 +25,9 @@ CREATE TABLE kv (k INT8 PRIMARY KEY, v BYTEA, _source TEXT, _timestamp TIMESTAMP
 CREATE TABLE cdc_sink_dlq (event UUID DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL,
   source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL);";
 
+/// Where the warm-up rows go: far above any measured key.
+const WARM_KEYS: usize = 1 << 40;
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -51,12 +54,32 @@ fn body(start: usize, n: usize, pass: usize) -> String {
     format!(r#"{{"payload":[{}],"length":{n}}}"#, rows.join(","))
 }
 
-async fn meridian_pass(base: &str, rows: usize, batch: usize, conc: usize, pass: usize) -> f64 {
+/// CPU seconds this process (meridian and the HTTP client) has used.
+fn process_cpu() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Rows/s, and CPU µs per row spent in this process (mostly meridian):
+/// steadier than rows/s on a busy machine.
+async fn meridian_pass(
+    base: &str,
+    first: usize,
+    rows: usize,
+    batch: usize,
+    conc: usize,
+    pass: usize,
+) -> (f64, f64) {
     let http = reqwest::Client::new();
-    let bodies: Vec<String> = (0..rows)
+    let end = first + rows;
+    let bodies: Vec<String> = (first..end)
         .step_by(batch)
-        .map(|s| body(s, batch.min(rows - s), pass))
+        .map(|s| body(s, batch.min(end - s), pass))
         .collect();
+    let cpu = process_cpu();
     let started = Instant::now();
     let results: Vec<u16> = stream::iter(bodies)
         .map(|b| {
@@ -76,14 +99,22 @@ async fn meridian_pass(base: &str, rows: usize, batch: usize, conc: usize, pass:
         .collect()
         .await;
     let secs = started.elapsed().as_secs_f64();
+    let cpu = process_cpu() - cpu;
     assert!(
         results.iter().all(|&s| s == 200),
         "meridian answered {results:?}"
     );
-    rows as f64 / secs
+    (rows as f64 / secs, cpu * 1e6 / rows as f64)
 }
 
-async fn baseline_pass(url: &str, rows: usize, batch: usize, conc: usize, pass: usize) -> f64 {
+async fn baseline_pass(
+    url: &str,
+    first: usize,
+    rows: usize,
+    batch: usize,
+    conc: usize,
+    pass: usize,
+) -> f64 {
     let mut clients = Vec::new();
     for _ in 0..conc {
         let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
@@ -95,13 +126,14 @@ async fn baseline_pass(url: &str, rows: usize, batch: usize, conc: usize, pass: 
                ON CONFLICT (k) DO UPDATE SET v = excluded.v, _source = excluded._source, _timestamp = excluded._timestamp
                WHERE excluded._timestamp > kv._timestamp";
     let when = chrono::DateTime::parse_from_rfc3339(&ts(pass)).unwrap();
-    let starts: Vec<usize> = (0..rows).step_by(batch).collect();
+    let end = first + rows;
+    let starts: Vec<usize> = (first..end).step_by(batch).collect();
     let started = Instant::now();
     stream::iter(starts.into_iter().enumerate())
         .map(|(i, s)| {
             let c = clients[i % conc].clone();
             async move {
-                let n = batch.min(rows - s);
+                let n = batch.min(end - s);
                 let ks: Vec<i64> = (s..s + n).map(|k| k as i64).collect();
                 let vs: Vec<Vec<u8>> = ks
                     .iter()
@@ -150,14 +182,24 @@ fn main() {
         println!("apply benchmark: {rows} rows in batches of {batch}, {conc} requests in flight, PostgreSQL on this machine");
         // BENCH_ONLY=meridian|baseline runs one side (for profiling); no ratio.
         let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        // Warm both sides up (connections, prepared statements, the script
+        // pool, allocator pages) on keys outside the measured range.
+        let warm = (2 * conc * batch).min(rows);
+        if only != "baseline" {
+            meridian_pass(&base, WARM_KEYS, warm, batch, conc, 0).await;
+        }
+        if only != "meridian" {
+            baseline_pass(&b_url, WARM_KEYS, warm, batch, conc, 0).await;
+        }
         if !only.is_empty() {
             for (pass, label) in [(0, "insert"), (1, "update")] {
-                let r = if only == "baseline" {
-                    baseline_pass(&b_url, rows, batch, conc, pass).await
+                if only == "baseline" {
+                    let r = baseline_pass(&b_url, 0, rows, batch, conc, pass).await;
+                    println!("{label:>7}: baseline {r:>10.0} rows/s");
                 } else {
-                    meridian_pass(&base, rows, batch, conc, pass).await
-                };
-                println!("{label:>7}: {only} {r:>10.0} rows/s");
+                    let (r, cpu) = meridian_pass(&base, 0, rows, batch, conc, pass).await;
+                    println!("{label:>7}: meridian {r:>10.0} rows/s, {cpu:.2} CPU µs/row");
+                }
             }
             server.shutdown().await;
             return;
@@ -165,14 +207,14 @@ fn main() {
         let mut total = (0.0, 0.0);
         for (pass, label) in [(0, "insert"), (1, "update")] {
             // Alternate which side goes first so neither always gets the warmer cache.
-            let (m, b) = if pass == 0 {
-                let m = meridian_pass(&base, rows, batch, conc, pass).await;
-                (m, baseline_pass(&b_url, rows, batch, conc, pass).await)
+            let ((m, cpu), b) = if pass == 0 {
+                let m = meridian_pass(&base, 0, rows, batch, conc, pass).await;
+                (m, baseline_pass(&b_url, 0, rows, batch, conc, pass).await)
             } else {
-                let b = baseline_pass(&b_url, rows, batch, conc, pass).await;
-                (meridian_pass(&base, rows, batch, conc, pass).await, b)
+                let b = baseline_pass(&b_url, 0, rows, batch, conc, pass).await;
+                (meridian_pass(&base, 0, rows, batch, conc, pass).await, b)
             };
-            println!("{label:>7}: meridian {m:>10.0} rows/s   baseline {b:>10.0} rows/s   ratio {:.2}", m / b);
+            println!("{label:>7}: meridian {m:>10.0} rows/s   baseline {b:>10.0} rows/s   ratio {:.2}   (meridian process: {cpu:.2} CPU µs/row)", m / b);
             total.0 += rows as f64 / m;
             total.1 += rows as f64 / b;
         }
