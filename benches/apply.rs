@@ -56,11 +56,10 @@ fn body(start: usize, n: usize, pass: usize) -> String {
 
 /// CPU seconds this process (meridian and the HTTP client) has used.
 fn process_cpu() -> f64 {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
+    use nix::sys::resource::{getrusage, UsageWho};
+    use nix::sys::time::TimeValLike;
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    (u.user_time().num_microseconds() + u.system_time().num_microseconds()) as f64 / 1e6
 }
 
 /// Rows/s, and CPU µs per row spent in this process (mostly meridian):
