@@ -236,11 +236,7 @@ fn parse_batch_fast(body: &[u8]) -> Option<Vec<Mutation>> {
         rows.push(Mutation {
             updated: row.updated?.parse().ok()?,
             after: row.after?,
-            before: match row.before {
-                None => Before::Absent,
-                Some(None) => Before::Null,
-                Some(Some(d)) => Before::Row(d),
-            },
+            before: before(row.before),
             key: row.key,
             topic: row.topic.map(Cow::into_owned),
         });
@@ -299,6 +295,15 @@ fn object(field: &str, v: Value) -> Result<Option<Document>, String> {
     }
 }
 
+/// The `before` field: absent, `null` (`Some(None)`) or a row.
+fn before(field: Option<Option<Document>>) -> Before {
+    match field {
+        None => Before::Absent,
+        Some(None) => Before::Null,
+        Some(Some(d)) => Before::Row(d),
+    }
+}
+
 fn to_mutation(row: RawRow) -> Result<Mutation, String> {
     let updated =
         match row.updated {
@@ -312,13 +317,7 @@ fn to_mutation(row: RawRow) -> Result<Mutation, String> {
         Some(v) => object("after", v)?,
         None => return Err("missing \"after\" (null for a delete)".into()),
     };
-    let before = match row.before {
-        None => Before::Absent,
-        Some(v) => match object("before", v)? {
-            None => Before::Null,
-            Some(d) => Before::Row(d),
-        },
-    };
+    let before = before(row.before.map(|v| object("before", v)).transpose()?);
     let key = match row.key {
         None | Some(Value::Null) => None,
         Some(Value::Array(a)) => Some(a),
