@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Transaction;
+use foldhash::HashMapExt;
 use serde_json::Value;
 use smallvec::SmallVec;
 
@@ -612,8 +613,7 @@ fn fold_duplicates<'m>(
     }
     // foldhash: randomly seeded like std's SipHash, several times cheaper
     // per key, and this runs for every row of every request.
-    let mut index: std::collections::HashMap<KeyRef<'m>, usize, foldhash::fast::RandomState> =
-        std::collections::HashMap::with_capacity_and_hasher(muts.len(), Default::default());
+    let mut index: foldhash::HashMap<KeyRef<'m>, usize> = HashMapExt::with_capacity(muts.len());
     let mut out: Vec<&Mutation> = Vec::with_capacity(muts.len());
     for m in muts {
         let key = key_ref(schema, m)?;
