@@ -151,6 +151,8 @@ async fn baseline_pass(
 }
 
 fn main() {
+    // As the `meridian` binary does.
+    meridian::tune_allocator();
     let rows = env("BENCH_ROWS", 100_000);
     let batch = env("BENCH_BATCH", 1_000);
     let conc = env("BENCH_CONCURRENCY", 4);

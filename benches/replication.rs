@@ -405,6 +405,8 @@ async fn meridian_system(sizes: Sizes) -> Result<Report> {
 }
 
 fn main() -> Result<()> {
+    // As the `meridian` binary does.
+    meridian::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -68,6 +68,8 @@ fn report(what: &str, rows: usize, elapsed: Duration) {
 }
 
 fn main() {
+    // As the `meridian` binary does.
+    meridian::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

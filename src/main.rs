@@ -6,6 +6,7 @@ use clap::Parser;
 use meridian::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    meridian::tune_allocator();
     let cli = Cli::parse();
     // The demo prints its own progress and report; daemons log at info.
     let default_filter = match cli.command {
