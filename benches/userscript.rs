@@ -17,7 +17,8 @@ fn row(k: i64, source: &str) -> Mutation {
         key: Some(vec![json!(k)]),
         after: Some(after.as_object().unwrap().clone()),
         before: Before::Null,
-        updated: Hlc::new(1_700_000_000_000_000_000 + k, 0),
+        // Rows of one source transaction share `updated`: 100 per transaction.
+        updated: Hlc::new(1_700_000_000_000_000_000 + k / 100, 0),
     }
 }
 

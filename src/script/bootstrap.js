@@ -290,10 +290,12 @@
     return out;
   }
 
-  // input: [schema, shapes, topics, flat], where `flat` holds the rows one
-  // after another: shape, isDelete (0/1), topic, nanos, logical, the number
-  // of key values (-1: none) and the key values, then the document: its values in the
-  // order of shapes[shape], or (shape -1) the document itself.
+  // input: [schema, shapes, topics, times, flat], where `times` holds
+  // nanos, logical pairs and `flat` the rows one after another: a header
+  // (shape, isDelete (0/1), topic, time (a pair's index), the number of key
+  // values (-1: none); or -2 for the previous row's), the key values, then
+  // the document: its values in the order of shapes[shape], or (shape -1)
+  // the document itself.
   // output: [tables, codes, results], one code per row: -1 when the row
   // goes nowhere (null or {}), t >= 0 when it goes to tables[t] as its own
   // unchanged document (the common case, sent as one number), and -2 - i
@@ -305,7 +307,8 @@
     const schema = input[0];
     const shapes = input[1];
     const topics = input[2];
-    const a = input[3];
+    const times = input[3];
+    const a = input[4];
     const fns = shapes.map(maker);
     const tables = [];
     const codes = [];
@@ -316,14 +319,20 @@
     // index a small integer, which takes the fast array path.
     let o = 0;
     let held;
+    let shape, del, table, nanos, logical, nk;
     while (o < a.length) {
-      const shape = a[o] | 0;
-      const del = a[o + 1] === 1;
-      const table = topics[a[o + 2] | 0];
-      const nanos = a[o + 3];
-      const logical = a[o + 4];
-      const nk = a[o + 5] | 0;
-      o += 6;
+      // -2: the same header as the previous row.
+      if (a[o] === -2) o += 1;
+      else {
+        shape = a[o] | 0;
+        del = a[o + 1] === 1;
+        table = topics[a[o + 2] | 0];
+        const ti = (a[o + 3] | 0) * 2;
+        nanos = times[ti];
+        logical = times[ti + 1];
+        nk = a[o + 4] | 0;
+        o += 5;
+      }
       let meta;
       if (nk < 0) meta = { schema: schema, table: table, nanos: nanos, logical: logical };
       else {
@@ -341,17 +350,19 @@
       if (v === undefined || v === null) codes.push(-1);
       else if (shape >= 0 && protoOf(v) === ObjectProto) {
         const ks = keysOf(v);
+        const n = ks.length;
+        const name = ks[0];
         let list;
-        if (ks.length === 0) codes.push(-1);
+        if (n === 0) codes.push(-1);
         else if (
-          ks.length === 1 &&
-          isArray((list = v[ks[0]])) &&
+          n === 1 &&
+          isArray((list = v[name])) &&
           list.length === 1 &&
           list[0] === doc &&
           f.same(doc, a, o)
         ) {
-          let t = tables.indexOf(ks[0]);
-          if (t < 0) t = tables.push(ks[0]) - 1;
+          let t = tables.indexOf(name);
+          if (t < 0) t = tables.push(name) - 1;
           codes.push(t);
         } else {
           codes.push(-2 - results.length);

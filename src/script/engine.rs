@@ -715,10 +715,15 @@ fn topic_of<'a>(default_table: Option<&'a str>, m: &'a Mutation) -> Result<&'a s
 struct DispatchOutput(Vec<String>, Vec<i64>, Vec<Value>);
 
 /// The rows `dispatchBatch` receives, as one JSON text `[schema, shapes,
-/// topics, flat]`. `shapes` lists property-name lists; `flat` holds the rows
+/// topics, times, flat]`. `shapes` lists property-name lists; `times` holds
+/// the batch's distinct `updated` values as nanos, logical pairs (rows of one
+/// source transaction share one, and a 19-digit number is the slowest thing
+/// `JSON.parse` reads); `flat` holds the rows
 /// one after another as plain values (no array per row, which QuickJS would
-/// have to build): shape, isDelete (0/1), topic, nanos, logical, the number
-/// of key values (-1: no key) and the key values, then the document's values in the
+/// have to build): a header (shape, isDelete (0/1), topic, time (an index
+/// into `times`), the number of key values (-1: no key); or -2 when it is the
+/// previous row's, as it nearly always is), the key values, then the
+/// document's values in the
 /// order of `shapes[shape]`, which the script builds into an object and
 /// which lets it answer with one number for a row routed unchanged.
 /// Documents with nested values (which could change unseen) or a
@@ -729,7 +734,11 @@ struct DispatchInput {
     shapes: Vec<Vec<String>>,
     last_shape: usize,
     topics: Vec<String>,
+    /// `updated` values seen, flattened as nanos, logical.
+    times: Vec<i64>,
     json: Vec<u8>,
+    /// The last row's header: shape, isDelete, topic, time, key length.
+    last_header: Option<[i64; 5]>,
     /// Rows pushed.
     rows: usize,
     /// For each row, whether it went by shape.
@@ -748,7 +757,9 @@ impl DispatchInput {
             shapes: Vec::new(),
             last_shape: usize::MAX,
             topics: Vec::new(),
+            times: Vec::new(),
             json,
+            last_header: None,
             rows: 0,
             simple: Vec::with_capacity(rows),
         }
@@ -789,6 +800,18 @@ impl DispatchInput {
         }
     }
 
+    /// The index of `updated` in `times`. Consecutive rows nearly always
+    /// share it (one source transaction), so only the last entry is checked.
+    fn time(&mut self, nanos: i64, logical: i64) -> usize {
+        if let [.., n, l] = self.times[..] {
+            if n == nanos && l == logical {
+                return self.times.len() / 2 - 1;
+            }
+        }
+        self.times.extend([nanos, logical]);
+        self.times.len() / 2 - 1
+    }
+
     /// Adds a row showing the script `doc` for mutation `m` of table `topic`.
     fn push(&mut self, doc: &Map<String, Value>, topic: &str, m: &Mutation) {
         if self.rows > 0 {
@@ -798,16 +821,22 @@ impl DispatchInput {
         let shape = self.shape_of(doc);
         self.simple.push(shape.is_some());
         let topic = self.topic(topic);
+        let time = self.time(m.updated.nanos, m.updated.logical.into());
         let key = m.key.as_deref().unwrap_or_default();
-        let _ = write!(
-            self.json,
-            "{},{},{topic},{},{},{}",
+        let header = [
             shape.map_or(-1, |i| i as i64),
-            u8::from(m.after.is_none()),
-            m.updated.nanos,
-            m.updated.logical,
-            m.key.as_ref().map_or(-1, |k| k.len() as i64)
-        );
+            i64::from(m.after.is_none()),
+            topic as i64,
+            time as i64,
+            m.key.as_ref().map_or(-1, |k| k.len() as i64),
+        ];
+        if self.last_header == Some(header) {
+            self.json.extend_from_slice(b"-2");
+        } else {
+            let [shape, del, topic, time, nk] = header;
+            let _ = write!(self.json, "{shape},{del},{topic},{time},{nk}");
+            self.last_header = Some(header);
+        }
         for v in key {
             self.json.push(b',');
             let _ = serde_json::to_writer(&mut self.json, v);
@@ -835,6 +864,8 @@ impl DispatchInput {
         let _ = serde_json::to_writer(&mut out, &self.shapes);
         out.push(b',');
         let _ = serde_json::to_writer(&mut out, &self.topics);
+        out.push(b',');
+        let _ = serde_json::to_writer(&mut out, &self.times);
         out.push(b',');
         out.extend_from_slice(&self.json);
         out.push(b']');
