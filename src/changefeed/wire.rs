@@ -2,7 +2,6 @@
 //! a resolved checkpoint (`{"resolved":"…"}`), or newline-delimited rows.
 
 use std::borrow::Cow;
-use std::cell::Cell;
 
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
@@ -86,13 +85,7 @@ struct FastRow<'a> {
     resolved: Option<IgnoredAny>,
 }
 
-thread_local! {
-    /// The width of the last row read on this thread: rows of one batch
-    /// nearly always have the same columns, so each map is sized once.
-    static LAST_WIDTH: Cell<usize> = const { Cell::new(8) };
-}
-
-/// An object (sized like the previous one) or null.
+/// An object or null.
 fn document_or_null<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Option<Document>>, D::Error> {
@@ -112,12 +105,11 @@ fn document_or_null<'de, D: serde::Deserializer<'de>>(
             d.deserialize_map(self)
         }
         fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-            let mut doc = Document::with_capacity(LAST_WIDTH.get());
+            let mut doc = Document::new();
             while let Some(k) = access.next_key::<String>()? {
                 let v: Value = access.next_value()?;
                 doc.insert(k, v);
             }
-            LAST_WIDTH.set(doc.len().clamp(1, 256));
             Ok(Some(doc))
         }
     }
