@@ -737,3 +737,63 @@ api.configureSource("db.s", {
         ]
     );
 }
+
+/// Rows of one transaction share their header and `updated` in what crosses
+/// into the script; each row must still see its own `meta`, also where
+/// tables, kinds and times change between rows.
+#[test]
+fn dispatch_meta_follows_each_row_of_a_transaction() {
+    let dir = dir_with(&[(
+        "main.ts",
+        r#"import * as api from "replicator@v1";
+const show = (doc: any, meta: any) =>
+  ({ out: [{ k: doc.k, m: [meta.table, meta.nanos, meta.logical, meta.key].join("|") }] });
+api.configureSource("db.s", { dispatch: show, deletesTo: show });
+"#,
+    )]);
+    let s = load(&dir, "main.ts").unwrap();
+    let at = |m: Mutation, nanos: i64, logical: i32, topic: &str| Mutation {
+        updated: Hlc::new(nanos, logical),
+        topic: Some(topic.into()),
+        ..m
+    };
+    let batch = vec![
+        at(upsert(json!({"k": 1, "v": "a"}), 0), 100, 0, "kv"),
+        at(upsert(json!({"k": 2, "v": "b"}), 0), 100, 0, "kv"),
+        at(upsert(json!({"k": 3, "v": "c"}), 0), 100, 0, "kv"),
+        at(upsert(json!({"k": 4, "v": "d"}), 0), 100, 0, "other"),
+        at(delete(5, 0), 100, 0, "other"),
+        at(upsert(json!({"k": 6, "v": "f"}), 0), 100, 1, "other"),
+        at(upsert(json!({"k": 7, "v": "g"}), 0), 200, 0, "other"),
+        at(upsert(json!({"k": 8, "v": "h"}), 0), 200, 0, "other"),
+        at(upsert(json!({"k": 9, "v": "i"}), 0), 100, 0, "kv"),
+    ];
+    let routed = rt().block_on(s.dispatch("db", "s", None, batch)).unwrap();
+    let seen: Vec<String> = routed
+        .iter()
+        .map(|r| {
+            // A delete's returned document names the row: it is in `before`.
+            let d = r
+                .mutation
+                .after
+                .as_ref()
+                .or(r.mutation.before.row())
+                .unwrap();
+            format!("{}:{}", d["k"], d["m"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            "1:kv|100|0|1",
+            "2:kv|100|0|2",
+            "3:kv|100|0|3",
+            "4:other|100|0|4",
+            "5:other|100|0|5",
+            "6:other|100|1|6",
+            "7:other|200|0|7",
+            "8:other|200|0|8",
+            "9:kv|100|0|9",
+        ]
+    );
+}
