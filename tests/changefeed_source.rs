@@ -812,6 +812,45 @@ async fn setup_sql_stamps_local_writes_only() {
         "stamped about 1s ahead: {ahead}"
     );
 
+    // An insert naming neither column takes the stamp from the defaults,
+    // without a PL/pgSQL call; an update still calls the trigger function.
+    let calls = |sql: &'static str| {
+        let db = &db;
+        async move {
+            let tx = format!(
+                "BEGIN; SET LOCAL track_functions = 'pl'; {sql}; \
+                 CREATE TEMP TABLE calls ON COMMIT DROP AS SELECT coalesce((SELECT calls \
+                 FROM pg_stat_xact_user_functions WHERE funcname = 'meridian_stamp'), 0) AS n"
+            );
+            db.batch_execute(&tx).await.unwrap();
+            let n: i64 = db
+                .query_one("SELECT n FROM calls", &[])
+                .await
+                .unwrap()
+                .get(0);
+            db.batch_execute("COMMIT").await.unwrap();
+            n
+        }
+    };
+    assert_eq!(
+        calls("INSERT INTO kv (k, v) VALUES (4, 'defaults')").await,
+        0
+    );
+    let row = db
+        .query_one(
+            "SELECT _source, extract(epoch FROM _timestamp - now())::float8 FROM kv WHERE k = 4",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "east");
+    let ahead: f64 = row.get(1);
+    assert!(
+        (0.5..1.5).contains(&ahead),
+        "stamped about 1s ahead: {ahead}"
+    );
+    assert_eq!(calls("UPDATE kv SET v = 'again' WHERE k = 4").await, 1);
+
     // Existing rows got the columns' defaults.
     let src: Option<String> = db
         .query_one("SELECT _source FROM kv WHERE k = 0", &[])

@@ -19,7 +19,8 @@
 --     the trigger skips stamping when current_setting('meridian.applying',
 --     true) = 'on'. Any other session (and any other value) is a local write.
 --   * meridian_enable(tbl regclass, region text, margin interval DEFAULT '1s'):
---     adds _source text and _timestamp timestamptz when absent, sets REPLICA
+--     adds _source text and _timestamp timestamptz when absent (and sets
+--     their defaults to the stamp, so plain inserts need no trigger call), sets REPLICA
 --     IDENTITY FULL (the changefeed sends the old row as "before"), adds the
 --     table to the publication `meridian` (created when absent; it is the
 --     default publication of `meridian changefeed`, whose --name defaults to
@@ -81,6 +82,11 @@ BEGIN
     EXECUTE format('ALTER TABLE %s ADD COLUMN _timestamp timestamptz DEFAULT now() + %L::interval',
                    tbl, margin);
   END IF;
+  -- The stamp as column defaults too: a local insert that names neither
+  -- column then already carries it, and the trigger's WHEN clause skips the
+  -- PL/pgSQL call (which would store the same values) for it.
+  EXECUTE format('ALTER TABLE %s ALTER COLUMN _source SET DEFAULT %L, '
+                 'ALTER COLUMN _timestamp SET DEFAULT now() + %L::interval', tbl, region, margin);
   EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
 
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'meridian') THEN
@@ -96,10 +102,14 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'meridian_stamp') THEN
     EXECUTE format('DROP TRIGGER meridian_stamp ON %s', tbl);
   END IF;
-  -- The WHEN clause keeps meridian's own writes from calling PL/pgSQL at all
-  -- (the function checks again, for callers that fire it some other way).
+  -- The WHEN clause calls PL/pgSQL only where stamping changes something:
+  -- not for meridian's own writes (the function checks again, for callers
+  -- that fire it some other way), and not for a row that already holds
+  -- this transaction's stamp (an insert that took the defaults). A
+  -- PL/pgSQL call per row costs about as much as the insert itself.
   EXECUTE format('CREATE TRIGGER meridian_stamp BEFORE INSERT OR UPDATE ON %s '
-                 'FOR EACH ROW WHEN (current_setting(''meridian.applying'', true) IS DISTINCT FROM ''on'') '
-                 'EXECUTE FUNCTION meridian_stamp(%L, %L)', tbl, region, margin::text);
+                 'FOR EACH ROW WHEN (current_setting(''meridian.applying'', true) IS DISTINCT FROM ''on'' '
+                 'AND (NEW._source IS DISTINCT FROM %L OR NEW._timestamp IS DISTINCT FROM now() + %L::interval)) '
+                 'EXECUTE FUNCTION meridian_stamp(%L, %L)', tbl, region, margin, region, margin::text);
 END
 $$;
