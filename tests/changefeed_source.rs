@@ -723,6 +723,23 @@ fn psql_setup(url: &str, region: &str) {
     );
 }
 
+/// Row `k` of `kv` holds east's stamp: its region and now() + ~1s.
+async fn assert_stamped_east(db: &tokio_postgres::Client, k: i64) {
+    let row = db
+        .query_one(
+            "SELECT _source, extract(epoch FROM _timestamp - now())::float8 FROM kv WHERE k = $1",
+            &[&k],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "east", "k={k}");
+    let ahead: f64 = row.get(1);
+    assert!(
+        (0.5..1.5).contains(&ahead),
+        "k={k} stamped about 1s ahead: {ahead}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_sql_stamps_local_writes_only() {
     let url = pgcluster::shared()
@@ -798,19 +815,7 @@ async fn setup_sql_stamps_local_writes_only() {
     )
     .await
     .unwrap();
-    let row = db
-        .query_one(
-            "SELECT _source, extract(epoch FROM _timestamp - now())::float8 FROM kv WHERE k = 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "east");
-    let ahead: f64 = row.get(1);
-    assert!(
-        (0.5..1.5).contains(&ahead),
-        "stamped about 1s ahead: {ahead}"
-    );
+    assert_stamped_east(&db, 1).await;
 
     // An insert naming neither column takes the stamp from the defaults,
     // without a PL/pgSQL call; an update still calls the trigger function.
@@ -836,19 +841,7 @@ async fn setup_sql_stamps_local_writes_only() {
         calls("INSERT INTO kv (k, v) VALUES (4, 'defaults')").await,
         0
     );
-    let row = db
-        .query_one(
-            "SELECT _source, extract(epoch FROM _timestamp - now())::float8 FROM kv WHERE k = 4",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), "east");
-    let ahead: f64 = row.get(1);
-    assert!(
-        (0.5..1.5).contains(&ahead),
-        "stamped about 1s ahead: {ahead}"
-    );
+    assert_stamped_east(&db, 4).await;
     assert_eq!(calls("UPDATE kv SET v = 'again' WHERE k = 4").await, 1);
 
     // Existing rows got the columns' defaults.
