@@ -21,7 +21,6 @@ use crate::script::{
     TableConfig, TableName, Userscript,
 };
 use crate::target::apply::{self, DlqEntry, TableBatch, WriteRules};
-use crate::target::convert::Values;
 use crate::target::merge::{three_way, ThreeWay};
 use crate::target::{TableSchema, Target, TargetError};
 
@@ -759,22 +758,14 @@ fn batch_for_columns<'a>(
     docs: &[(usize, Option<&'a Document>)],
     columns: &[usize],
 ) -> Result<(TableBatch<'a>, Vec<bool>), ReceiveError> {
-    let mut values: Vec<Values> = columns
-        .iter()
-        .map(|&c| Values::new(schema.columns[c].wire, docs.len()))
-        .collect();
+    let mut values = apply::empty_values(schema, columns, docs.len());
     let mut present = Vec::with_capacity(docs.len());
     for (_, doc) in docs {
         present.push(doc.is_some());
         for (n, &c) in columns.iter().enumerate() {
             let col = &schema.columns[c];
             let v = match doc.and_then(|d| d.get(&col.name)) {
-                Some(v) => crate::target::convert::to_sql(col, v).map_err(|source| {
-                    TargetError::Convert {
-                        table: schema.name.to_string(),
-                        source: Box::new(source),
-                    }
-                })?,
+                Some(v) => apply::convert(schema, col, v)?,
                 None => None,
             };
             values[n].push(v);

@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
 use super::convert::{to_sql, Values};
-use super::schema::TableSchema;
+use super::schema::{Column, TableSchema};
 use super::sql::quote_ident;
 use super::TargetError;
 use crate::changefeed::Document;
@@ -55,6 +55,28 @@ impl TableBatch<'_> {
     pub fn is_empty(&self) -> bool {
         self.ords.is_empty()
     }
+}
+
+/// Empty arrays for `columns`, each typed as its column's values travel,
+/// with room for `rows` values.
+pub fn empty_values<'a>(schema: &TableSchema, columns: &[usize], rows: usize) -> Vec<Values<'a>> {
+    columns
+        .iter()
+        .map(|&c| Values::new(schema.columns[c].wire, rows))
+        .collect()
+}
+
+/// `v` as input text for column `col` of `schema`'s table (None is NULL);
+/// an error names the table, the column and the value.
+pub fn convert<'a>(
+    schema: &TableSchema,
+    col: &Column,
+    v: &'a Value,
+) -> Result<Option<Cow<'a, str>>, TargetError> {
+    to_sql(col, v).map_err(|source| TargetError::Convert {
+        table: schema.name.to_string(),
+        source: Box::new(source),
+    })
 }
 
 /// Converts documents into batches, one per distinct set of columns (a
@@ -101,13 +123,7 @@ pub fn prepare<'a>(
             }
             match column(prop) {
                 Some((_, col)) if col.generated => continue,
-                Some((i, col)) => {
-                    let text = to_sql(col, value).map_err(|source| TargetError::Convert {
-                        table: schema.name.to_string(),
-                        source: Box::new(source),
-                    })?;
-                    row.push((i, text));
-                }
+                Some((i, col)) => row.push((i, convert(schema, col, value)?)),
                 None if extras_idx.is_some() => {
                     extras.insert(prop.clone(), value.clone());
                 }
@@ -143,10 +159,7 @@ pub fn prepare<'a>(
             last_group = *by_cols.entry(cols.clone()).or_insert_with(|| {
                 groups.push(TableBatch {
                     ords: Vec::with_capacity(docs.len()),
-                    values: cols
-                        .iter()
-                        .map(|&c| Values::new(schema.columns[c].wire, docs.len()))
-                        .collect(),
+                    values: empty_values(schema, &cols, docs.len()),
                     columns: cols,
                 });
                 groups.len() - 1
@@ -166,11 +179,7 @@ pub fn prepare_keys<'a>(
     schema: &TableSchema,
     keys: &'a [(usize, Vec<Value>)],
 ) -> Result<TableBatch<'a>, TargetError> {
-    let mut values: Vec<Values> = schema
-        .pk
-        .iter()
-        .map(|&c| Values::new(schema.columns[c].wire, keys.len()))
-        .collect();
+    let mut values = empty_values(schema, &schema.pk, keys.len());
     for (_, key) in keys {
         if key.len() != schema.pk.len() {
             return Err(TargetError::MissingKey {
@@ -182,10 +191,7 @@ pub fn prepare_keys<'a>(
         }
         for (k, &pk) in schema.pk.iter().enumerate() {
             let col = &schema.columns[pk];
-            let text = to_sql(col, &key[k]).map_err(|source| TargetError::Convert {
-                table: schema.name.to_string(),
-                source: Box::new(source),
-            })?;
+            let text = convert(schema, col, &key[k])?;
             if text.is_none() {
                 return Err(TargetError::MissingKey {
                     table: schema.name.to_string(),
