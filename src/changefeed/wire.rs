@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -85,35 +85,12 @@ struct FastRow<'a> {
     resolved: Option<IgnoredAny>,
 }
 
-/// An object or null.
+/// An object or null, present (`Some`), so that an absent field (`None`,
+/// from `default`) differs from a null one.
 fn document_or_null<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Option<Document>>, D::Error> {
-    struct Doc;
-    impl<'de> Visitor<'de> for Doc {
-        type Value = Option<Document>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object or null")
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_map(self)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-            let mut doc = Document::new();
-            while let Some(k) = access.next_key::<String>()? {
-                let v: Value = access.next_value()?;
-                doc.insert(k, v);
-            }
-            Ok(Some(doc))
-        }
-    }
-    d.deserialize_option(Doc).map(Some)
+    Option::<Document>::deserialize(d).map(Some)
 }
 
 /// Keeps an explicit JSON `null` as `Some(Value::Null)`, so a field that is
@@ -344,6 +321,33 @@ mod tests {
         assert_eq!(rows[0].before, Before::Null);
         assert_eq!(rows[0].updated, Hlc::new(1_700_000_000_123_456_789, 1));
         assert_eq!(rows[0].after.as_ref().unwrap()["k"], serde_json::json!(1));
+    }
+
+    /// Well-formed rows of every kind read in the one-pass parse (the
+    /// row-by-row parse behind it would give the same rows, only slower).
+    #[test]
+    fn well_formed_batches_take_the_fast_path() {
+        let body = br#"{"payload":[
+            {"after":{"k":1,"v":"a"},"before":null,"key":[1],"topic":"kv","updated":"5.0","extra":[1]},
+            {"after":null,"before":{"k":2,"v":"b"},"key":[2],"topic":"kv","updated":"6.1"},
+            {"after":{"k":3},"key":[3],"topic":"t\u0031","updated":"7.0"}],"length":3}"#;
+        let rows = parse_batch_fast(body).expect("the fast path reads it");
+        let doc = |v: serde_json::Value| v.as_object().unwrap().clone();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(
+            rows[0].after,
+            Some(doc(serde_json::json!({"k": 1, "v": "a"})))
+        );
+        assert_eq!(rows[0].before, Before::Null);
+        assert_eq!(rows[1].after, None);
+        assert_eq!(
+            rows[1].before,
+            Before::Row(doc(serde_json::json!({"k": 2, "v": "b"})))
+        );
+        assert_eq!(rows[1].updated, Hlc::new(6, 1));
+        assert_eq!(rows[2].before, Before::Absent);
+        assert_eq!(rows[2].topic.as_deref(), Some("t1"));
+        assert_eq!(rows[2].key, Some(vec![serde_json::json!(3)]));
     }
 
     #[test]
