@@ -104,7 +104,9 @@ fn main() {
                 .unwrap()
                 .len();
         }
-        assert_eq!(kept, batches * size.div_ceil(2));
+        if std::env::var("BENCH_NOCHECK").is_err() {
+            assert_eq!(kept, batches * size.div_ceil(2));
+        }
         report(&what, batches * size, started.elapsed());
     }
 

@@ -4,6 +4,8 @@
 //! the same. Labels are bounded: schema, table, status code, script function;
 //! never keys or error strings.
 
+use std::sync::Arc;
+
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
@@ -224,6 +226,10 @@ pub struct ChangefeedMetrics {
     pub slot_lag_bytes: IntGauge,
     pub resolved_sent: IntCounter,
     pub send_duration: Histogram,
+    /// Rows of the initial scan the sink accepted (also in `rows_sent`).
+    pub scan_rows: IntCounterVec,
+    /// 1 while an initial scan is being sent.
+    pub scan_running: IntGauge,
 }
 
 impl ChangefeedMetrics {
@@ -264,6 +270,12 @@ impl ChangefeedMetrics {
         r.register(Box::new(lag_seconds.clone())).unwrap();
         r.register(Box::new(slot_lag_bytes.clone())).unwrap();
         r.register(Box::new(send_duration.clone())).unwrap();
+        let scan_running = IntGauge::new(
+            "changefeed_initial_scan_running",
+            "1 while the initial scan of a new slot is being sent",
+        )
+        .unwrap();
+        r.register(Box::new(scan_running.clone())).unwrap();
         let errors = counter_vec(
             &r,
             "changefeed_errors_total",
@@ -288,7 +300,24 @@ impl ChangefeedMetrics {
             slot_lag_bytes,
             resolved_sent,
             send_duration,
+            scan_rows: counter_vec(
+                &r,
+                "changefeed_initial_scan_rows_total",
+                "Rows of the initial scan the sink answered 2xx",
+                TABLE,
+            ),
+            scan_running,
             registry: r,
+        }
+    }
+
+    /// Counts one batch the sink accepted, with its rows per (schema, table).
+    pub fn record_sent(&self, counts: &std::collections::HashMap<(Arc<str>, Arc<str>), u64>) {
+        self.batches_sent.inc();
+        for ((schema, table), n) in counts {
+            self.rows_sent
+                .with_label_values(&[schema, table])
+                .inc_by(*n);
         }
     }
 }

@@ -543,6 +543,143 @@ async fn restart_resumes_without_loss_or_endless_resends() {
     feed.stop().await;
 }
 
+async fn scan_marked(db: &tokio_postgres::Client, slot: &str) -> bool {
+    db.query_opt(
+        "SELECT 1 FROM public.meridian_initial_scans WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_scan_sends_existing_rows_before_changes() {
+    let (url, db) = kv_db("cf_scan").await;
+    db.batch_execute(
+        "INSERT INTO kv (k, v) SELECT g, 'v' || g FROM generate_series(1, 2500) g; \
+         INSERT INTO kv VALUES (0, 'zero', 12345678901234567890.000000000001, '{\"x\": [1, 2]}', \
+         true, 1.5, '{1,NULL,3}', '2024-01-02 03:04:05.678901+00', '\\x0102');",
+    )
+    .await
+    .unwrap();
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_scan".into();
+    o.flush_rows = 1000;
+    o.resolved_interval = Some(Duration::from_millis(100));
+    let feed = start(o.clone());
+
+    // Every row the table held, once, as an insert, all with one `updated`.
+    let rows = sink.wait_rows(2501).await;
+    let mut keys = ks(&rows);
+    keys.sort();
+    assert_eq!(keys, (0..=2500).collect::<Vec<_>>());
+    assert!(rows
+        .iter()
+        .all(|r| r["before"].is_null() && r["topic"] == json!("kv")));
+    let scanned_at = updated(&rows[0]);
+    assert!(rows.iter().all(|r| updated(r) == scanned_at));
+    assert_eq!(
+        rows.iter().find(|r| r["key"] == json!([7])).unwrap()["after"]["v"],
+        json!("v7")
+    );
+    assert!(
+        sink.accepted()
+            .iter()
+            .filter(|b| b.get("payload").is_some())
+            .count()
+            >= 3
+    );
+    let scanned_zero = rows.iter().find(|r| r["key"] == json!([0])).unwrap()["after"].clone();
+    let scan_rows = feed.metrics.scan_rows.with_label_values(&["public", "kv"]);
+    assert!(wait_for(Duration::from_secs(5), || async { scan_rows.get() == 2501 }).await);
+
+    // Then the stream, above the scan: a changed row's `before` is the
+    // scanned row exactly (values print the same both ways).
+    db.batch_execute("UPDATE kv SET v = 'changed' WHERE k = 7; UPDATE kv SET k = k WHERE k = 0")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(2503).await;
+    let changed = &rows[2501];
+    assert_eq!(changed["before"]["v"], json!("v7"));
+    assert_eq!(changed["after"]["v"], json!("changed"));
+    assert!(updated(changed) > scanned_at);
+    assert_eq!(rows[2502]["before"], scanned_zero);
+    assert_eq!(rows[2502]["after"], scanned_zero);
+    // A resolved checkpoint never claims less than the scan.
+    assert!(sink
+        .accepted()
+        .iter()
+        .filter_map(|b| b.get("resolved"))
+        .all(|r| r.as_str().unwrap().parse::<Hlc>().unwrap() >= scanned_at));
+    assert!(
+        !scan_marked(&db, "cf_scan").await,
+        "the finished scan is unmarked"
+    );
+    assert_eq!(feed.metrics.scan_running.get(), 0);
+    feed.stop().await;
+
+    // A restart streams on from the slot: nothing is scanned again.
+    sink.state.lock().unwrap().accepted.clear();
+    let feed = start(o.clone());
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (9999, 'late')")
+        .await
+        .unwrap();
+    sink.wait_rows(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ks(&sink.rows()), [9999]);
+    feed.stop().await;
+
+    // A scan that did not finish (the process died, leaving its mark) is
+    // done again from a new snapshot, which holds the later changes.
+    db.execute(
+        "INSERT INTO public.meridian_initial_scans (slot_name) VALUES ('cf_scan')",
+        &[],
+    )
+    .await
+    .unwrap();
+    sink.state.lock().unwrap().accepted.clear();
+    let feed = start(o);
+    let rows = sink.wait_rows(2502).await;
+    let mut keys = ks(&rows);
+    keys.sort();
+    assert_eq!(keys, (0..=2500).chain([9999]).collect::<Vec<_>>());
+    assert_eq!(
+        rows.iter().find(|r| r["key"] == json!([7])).unwrap()["after"]["v"],
+        json!("changed")
+    );
+    assert!(updated(&rows[0]) > scanned_at);
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            !scan_marked(&db, "cf_scan").await
+        })
+        .await
+    );
+    feed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_scan_no_sends_only_later_changes() {
+    let (url, db) = kv_db("cf_noscan").await;
+    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'old' FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_noscan".into();
+    o.initial_scan = false;
+    let feed = start(o);
+    wait_slot(&db, "cf_noscan").await;
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (11, 'new')")
+        .await
+        .unwrap();
+    sink.wait_rows(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ks(&sink.rows()), [11]);
+    feed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_crash_and_restart_loses_nothing() {
     let mut cluster = pgcluster::PgCluster::start_temp().unwrap();

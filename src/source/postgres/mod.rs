@@ -30,6 +30,7 @@
 //! every later one is stamped above the probe's time.
 
 pub mod pgoutput;
+mod scan;
 pub mod sink;
 pub mod values;
 
@@ -122,6 +123,12 @@ pub struct ChangefeedArgs {
     #[arg(long = "maxInFlight", default_value_t = 4)]
     pub max_in_flight: usize,
 
+    /// When the changefeed creates its slot: `yes` first sends every row
+    /// the tables already hold (as CockroachDB's `initial_scan`), read from
+    /// the snapshot the slot starts at; `no` sends only later changes.
+    #[arg(long = "initialScan", default_value = "yes", value_parser = ["yes", "no"])]
+    pub initial_scan: String,
+
     /// Address to serve Prometheus metrics on at /metrics.
     #[arg(long = "metricsAddr", value_parser = crate::cli::parse_addr)]
     pub metrics_addr: Option<SocketAddr>,
@@ -151,6 +158,8 @@ pub struct ChangefeedOptions {
     /// Most requests in flight at once (full batches of whole transactions
     /// whose keys are not already in flight).
     pub max_in_flight: usize,
+    /// Send the rows the tables hold when the slot is created (see `scan`).
+    pub initial_scan: bool,
 }
 
 impl ChangefeedOptions {
@@ -177,6 +186,7 @@ impl ChangefeedOptions {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
             max_in_flight: 4,
+            initial_scan: true,
         }
     }
 
@@ -225,6 +235,7 @@ impl From<ChangefeedArgs> for ChangefeedOptions {
             retry_initial: Duration::from_millis(100),
             retry_max: a.retry_max,
             max_in_flight: a.max_in_flight.max(1),
+            initial_scan: a.initial_scan == "yes",
         }
     }
 }
@@ -287,7 +298,11 @@ pub async fn run_changefeed(
                 }
                 started = true;
                 backoff = Duration::from_millis(200);
-                feed.stream(&db, &mut shutdown).await
+                match feed.initial_scan(&db, &mut shutdown).await {
+                    Ok(true) => feed.stream(&db, &mut shutdown).await,
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                }
             }
             Err(e) if !started => return Err(e),
             Err(e) => Err(e),
@@ -323,6 +338,44 @@ struct Rel {
     name_json: Vec<Vec<u8>>,
     /// The table name as a JSON string.
     topic_json: Vec<u8>,
+}
+
+impl Rel {
+    /// `pk`: the primary key's column names (none: every column is the key).
+    fn new(table: Option<TableInfo>, columns: Vec<Column>, pk: &[String]) -> Rel {
+        let mut key_idx = Vec::new();
+        if table.is_some() {
+            for k in pk {
+                if let Some(i) = columns.iter().position(|c| &c.name == k) {
+                    key_idx.push(i);
+                }
+            }
+            if key_idx.is_empty() {
+                key_idx = (0..columns.len()).collect();
+            }
+        }
+        let name_json = columns
+            .iter()
+            .map(|c| {
+                let mut v = Vec::new();
+                values::write_str(&mut v, &c.name);
+                v.push(b':');
+                v
+            })
+            .collect();
+        let topic_json = table.as_ref().map(|t| {
+            let mut v = Vec::new();
+            values::write_str(&mut v, &t.name);
+            v
+        });
+        Rel {
+            table,
+            columns,
+            key_idx,
+            name_json,
+            topic_json: topic_json.unwrap_or_default(),
+        }
+    }
 }
 
 /// One row's payload entry: a range of its transaction's buffer.
@@ -615,6 +668,29 @@ struct Feed {
     /// Since when the batch being filled holds rows (for --flushFrequency).
     pending_since: Option<Instant>,
     last_slot_lag: Instant,
+    /// The initial scan to send before streaming (the slot was just created).
+    pending_scan: Option<scan::PendingScan>,
+}
+
+/// An ordinary connection to the source, with the session settings that make
+/// values print as the walsender prints them (UTC, ISO dates, hex bytea,
+/// round-trip floats), so scanned and streamed rows read the same.
+async fn source_session(conn: &str) -> Result<tokio_postgres::Client> {
+    let (db, conn) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .context("connecting to the source (--sourceConn)")?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("source connection closed: {e}");
+        }
+    });
+    db.batch_execute(
+        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; \
+         SET extra_float_digits = 3; SET bytea_output = 'hex'; \
+         SET application_name = 'meridian changefeed'",
+    )
+    .await?;
+    Ok(db)
 }
 
 /// A replication-connection error, with what to fix where the cause is known.
@@ -698,26 +774,13 @@ impl Feed {
             want_advance: 0,
             pending_since: None,
             last_slot_lag: Instant::now() - Duration::from_secs(3600),
+            pending_scan: None,
         }
     }
 
     /// Connects, checks the source and creates the publication and slot.
     async fn connect_and_setup(&mut self) -> Result<tokio_postgres::Client> {
-        let (db, conn) = tokio_postgres::connect(&self.opts.source_conn, tokio_postgres::NoTls)
-            .await
-            .context("connecting to the source (--sourceConn)")?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("source connection closed: {e}");
-            }
-        });
-        // Deterministic text output of decoded values.
-        db.batch_execute(
-            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; \
-             SET extra_float_digits = 3; SET bytea_output = 'hex'; \
-             SET application_name = 'meridian changefeed'",
-        )
-        .await?;
+        let db = source_session(&self.opts.source_conn).await?;
 
         let wal_level: String = db.query_one("SHOW wal_level", &[]).await?.get(0);
         check_wal_level(&wal_level)?;
@@ -820,14 +883,30 @@ impl Feed {
         }
 
         // Slot: create it (after the publication, which decoding must see).
-        let slot_row = db
+        let mut slot_row = db
             .query_opt(
                 "SELECT plugin::text, database::text, confirmed_flush_lsn::text FROM pg_replication_slots \
                  WHERE slot_name = $1",
                 &[&self.slot],
             )
             .await?;
+        self.pending_scan = None;
+        if slot_row.is_some() && self.opts.initial_scan && self.scan_interrupted(&db).await? {
+            tracing::warn!(
+                slot = %self.slot,
+                "the initial scan did not finish: dropping the slot to scan again from a new snapshot"
+            );
+            db.execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
+                .await
+                .with_context(|| format!("dropping replication slot {:?}", self.slot))?;
+            slot_row = None;
+        }
         let confirmed = match slot_row {
+            None if self.opts.initial_scan => {
+                let (lsn, scan) = self.create_slot_for_scan(&db).await?;
+                self.pending_scan = Some(scan);
+                lsn
+            }
             None => {
                 let row = db
                     .query_one(
@@ -1215,42 +1294,11 @@ impl Feed {
                         schema: namespace.as_str().into(),
                         name: name.as_str().into(),
                     });
-                let mut key_idx = Vec::new();
-                if table.is_some() {
-                    let pk = self.primary_key(db, relid).await?;
-                    for k in &pk {
-                        if let Some(i) = columns.iter().position(|c| &c.name == k) {
-                            key_idx.push(i);
-                        }
-                    }
-                    if key_idx.is_empty() {
-                        key_idx = (0..columns.len()).collect();
-                    }
-                }
-                let name_json = columns
-                    .iter()
-                    .map(|c| {
-                        let mut v = Vec::new();
-                        values::write_str(&mut v, &c.name);
-                        v.push(b':');
-                        v
-                    })
-                    .collect();
-                let topic_json = table.as_ref().map(|t| {
-                    let mut v = Vec::new();
-                    values::write_str(&mut v, &t.name);
-                    v
-                });
-                self.rels.insert(
-                    relid,
-                    Rel {
-                        table,
-                        columns,
-                        key_idx,
-                        name_json,
-                        topic_json: topic_json.unwrap_or_default(),
-                    },
-                );
+                let pk = match table {
+                    Some(_) => self.primary_key(db, relid).await?,
+                    None => Vec::new(),
+                };
+                self.rels.insert(relid, Rel::new(table, columns, &pk));
             }
             Message::Insert { relid, new } => {
                 if let Some(t) = st.cur.as_mut() {
@@ -1446,13 +1494,7 @@ impl Feed {
                 }
             }
         }
-        self.metrics.batches_sent.inc();
-        for ((schema, table), n) in &f.counts {
-            self.metrics
-                .rows_sent
-                .with_label_values(&[schema, table])
-                .inc_by(*n);
-        }
+        self.metrics.record_sent(&f.counts);
         let newest = micros_to_hlc(f.newest_commit_micros);
         self.metrics
             .lag_seconds
