@@ -680,6 +680,80 @@ async fn initial_scan_no_sends_only_later_changes() {
     feed.stop().await;
 }
 
+/// `updated` is forced above the one before it in the WAL; a transaction
+/// sent again after a restart must carry the same value as the first time,
+/// or a receiver would take the repeat for a new change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_transaction_keeps_its_updated_across_a_restart() {
+    let (url, db) = kv_db("cf_floor").await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_floor".into();
+    let feed = start(o.clone());
+    wait_slot(&db, "cf_floor").await;
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'one')")
+        .await
+        .unwrap();
+    sink.wait_rows(1).await;
+
+    // A probe (as the changefeed writes them) carrying a time an hour ahead:
+    // every later transaction is stamped above it, whatever its commit time.
+    let ahead = now_nanos() + 3_600_000_000_000;
+    let probe_lsn: String = db
+        .query_one(
+            "SELECT pg_logical_emit_message(false, 'meridian.changefeed.cf_floor', $1)::text",
+            &[&format!("test:1:{ahead}")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let passed = wait_for(Duration::from_secs(20), || async {
+        db.query_one(
+            "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'cf_floor'",
+            &[&probe_lsn],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    })
+    .await;
+    assert!(passed, "the slot moved past the probe");
+
+    // Row 2 is sent but never acknowledged.
+    sink.state.lock().unwrap().fail_all = Some(503);
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (2, 'two')")
+        .await
+        .unwrap();
+    let first_try = || {
+        let s = sink.state.lock().unwrap();
+        s.attempts
+            .iter()
+            .filter_map(|(_, b)| b.get("payload").and_then(|p| p.as_array()).cloned())
+            .flatten()
+            .find(|r| r["key"] == json!([2]))
+    };
+    assert!(wait_for(Duration::from_secs(20), || async { first_try().is_some() }).await);
+    let first = updated(&first_try().unwrap());
+    assert!(first.nanos >= ahead, "stamped above the probe: {first:?}");
+    feed.stop().await;
+
+    // The restart decodes row 2 again, without the probe before it.
+    {
+        let mut s = sink.state.lock().unwrap();
+        s.fail_all = None;
+        s.accepted.clear();
+    }
+    let feed = start(o);
+    let rows = sink.wait_rows(1).await;
+    assert_eq!(ks(&rows), [2]);
+    assert_eq!(
+        updated(&rows[0]),
+        first,
+        "the same `updated` as the first time"
+    );
+    feed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_crash_and_restart_loses_nothing() {
     let mut cluster = pgcluster::PgCluster::start_temp().unwrap();

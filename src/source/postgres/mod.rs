@@ -21,14 +21,20 @@
 //! and decoded into the next batches.
 //!
 //! `updated` is the transaction's commit time as an HLC (`nanos.logical`),
-//! forced strictly increasing: a commit time at or below the last value sent
-//! (or the last resolved) becomes that value with the logical counter plus one.
-//! `resolved` is either the newest fully acknowledged transaction's `updated`
-//! or, when nothing is pending, a *probe*: meridian writes a non-transactional
-//! `pg_logical_emit_message` after reading the server clock; once decoding
-//! reaches it, every transaction that committed before it has been sent, and
-//! every later one is stamped above the probe's time.
+//! forced strictly increasing in WAL order: a commit time at or below the
+//! previous transaction's value (or a probe's time before it) becomes that
+//! value with the logical counter plus one. It depends only on the WAL and on
+//! the floor at the position decoding starts from, which `floors` keeps in
+//! the source, so a transaction sent again after a restart carries the same
+//! value. `resolved` is either the newest fully acknowledged transaction's
+//! `updated` or, when nothing is pending, a *probe*: meridian writes a
+//! non-transactional `pg_logical_emit_message` holding the server clock it
+//! read first; once decoding reaches it, every transaction that committed
+//! before it has been sent, and every later one is stamped above that time.
+//!
+//! A new slot starts with an initial scan of the rows the tables hold (`scan`).
 
+mod floors;
 pub mod pgoutput;
 mod scan;
 pub mod sink;
@@ -404,6 +410,8 @@ enum Item {
     Probe {
         lsn: u64,
         content: String,
+        /// The time written in the probe: later changes are stamped above it.
+        at: Hlc,
     },
 }
 
@@ -447,7 +455,7 @@ struct OutBatch {
 
 enum Step {
     Batch(OutBatch),
-    Probe { lsn: u64, content: String },
+    Probe { lsn: u64, content: String, at: Hlc },
 }
 
 /// The batch being filled.
@@ -609,9 +617,9 @@ fn push_item(p: &mut Pipeline, item: Item, flush_rows: usize, flush_bytes: usize
             b.boundary = Some((t.end_lsn, t.hlc));
             b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
         }
-        Item::Probe { lsn, content } => {
+        Item::Probe { lsn, content, at } => {
             flush_tail(p, false);
-            p.queue.push_back(Step::Probe { lsn, content });
+            p.queue.push_back(Step::Probe { lsn, content, at });
         }
     }
 }
@@ -636,7 +644,6 @@ fn key_hash(table: &TableInfo, key: &[u8]) -> u64 {
 
 struct Probe {
     content: String,
-    at: Hlc,
     emitted: Instant,
 }
 
@@ -670,6 +677,10 @@ struct Feed {
     last_slot_lag: Instant,
     /// The initial scan to send before streaming (the slot was just created).
     pending_scan: Option<scan::PendingScan>,
+    /// The floor last recorded in the source (see `floors`).
+    persisted_floor: Option<Hlc>,
+    /// Floors were recorded since the last pruning.
+    floors_to_prune: bool,
 }
 
 /// An ordinary connection to the source, with the session settings that make
@@ -716,6 +727,16 @@ fn now_nanos() -> i64 {
 
 fn micros_to_hlc(commit_micros: i64) -> Hlc {
     Hlc::new((commit_micros + PG_EPOCH_MICROS) * 1000, 0)
+}
+
+/// The time in a probe's content (`pid:seq:nanos`); zero when it has none.
+fn probe_time(content: &str) -> Hlc {
+    let nanos = content
+        .rsplit(':')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Hlc::new(nanos, 0)
 }
 
 fn next(h: Hlc) -> Hlc {
@@ -775,6 +796,8 @@ impl Feed {
             pending_since: None,
             last_slot_lag: Instant::now() - Duration::from_secs(3600),
             pending_scan: None,
+            persisted_floor: None,
+            floors_to_prune: false,
         }
     }
 
@@ -901,10 +924,12 @@ impl Feed {
                 .with_context(|| format!("dropping replication slot {:?}", self.slot))?;
             slot_row = None;
         }
+        let mut created = false;
         let confirmed = match slot_row {
             None if self.opts.initial_scan => {
                 let (lsn, scan) = self.create_slot_for_scan(&db).await?;
                 self.pending_scan = Some(scan);
+                created = true;
                 lsn
             }
             None => {
@@ -916,6 +941,7 @@ impl Feed {
                     .await
                     .with_context(|| format!("creating replication slot {:?}", self.slot))?;
                 tracing::info!(slot = %self.slot, "created replication slot: changes committed from here on are sent (existing rows are not scanned)");
+                created = true;
                 row.get::<_, String>(0)
             }
             Some(r) => {
@@ -942,6 +968,12 @@ impl Feed {
         // The slot's own position is the truth after a (re)connect.
         self.advanced_to = pgoutput::parse_lsn(&confirmed)?;
         self.want_advance = self.want_advance.max(self.advanced_to);
+        if created {
+            self.load_floor(&db, 0).await?;
+            self.reset_floors(&db).await?;
+        } else {
+            self.load_floor(&db, self.advanced_to).await?;
+        }
         self.rels.clear();
         Ok(db)
     }
@@ -1041,7 +1073,7 @@ impl Feed {
                 }
             }
             self.take_acknowledged(&mut p);
-            self.report_position(repl);
+            self.report_position(db, repl).await?;
 
             // Resolved checkpoints need everything before them acknowledged:
             // when one is due, let the window drain first.
@@ -1067,21 +1099,22 @@ impl Feed {
                     }
                     Some(Step::Probe { .. }) if p.in_flight == 0 => {
                         self.take_acknowledged(&mut p);
-                        let Some(Step::Probe { lsn, content }) = p.queue.pop_front() else {
+                        let Some(Step::Probe { lsn, content, at }) = p.queue.pop_front() else {
                             unreachable!()
                         };
+                        // As decoding did (see on_event): the floor at this
+                        // position depends only on the WAL.
+                        self.floor = self.floor.max(at);
                         self.pending_advance(lsn);
                         if self.probe.as_ref().is_some_and(|pr| pr.content == content) {
-                            let pr = self.probe.take().unwrap();
-                            let at = pr.at.max(self.floor);
-                            self.floor = at;
-                            self.reached = Some(at);
+                            self.probe = None;
+                            self.reached = Some(self.floor);
                         }
                     }
                     _ => break,
                 }
             }
-            self.report_position(repl);
+            self.report_position(db, repl).await?;
 
             // Decode what the stream has delivered, without waiting.
             // `caught_up`: the stream had nothing more to give.
@@ -1144,6 +1177,7 @@ impl Feed {
                     .await?
                     .and_then(|r| r.get(0));
                 self.metrics.slot_lag_bytes.set(lag.unwrap_or(0));
+                self.prune_floors(db).await?;
             }
 
             if !p.queue.is_empty() && p.can_dispatch_front(max_in_flight) && !resolved_due {
@@ -1205,7 +1239,7 @@ impl Feed {
                 commit_time_micros,
                 ..
             } => {
-                let hlc = micros_to_hlc(commit_time_micros).max(next(st.hlc.max(self.floor)));
+                let hlc = micros_to_hlc(commit_time_micros).max(next(st.hlc));
                 st.updated.clear();
                 st.updated.push_str(&hlc.to_string());
                 st.cur = Some(Txn {
@@ -1246,15 +1280,17 @@ impl Feed {
                 content,
             } if prefix == self.probe_prefix => {
                 let content = String::from_utf8_lossy(&content).into_owned();
-                // Everything after our probe is stamped above its time.
-                if let Some(pr) = self.probe.as_ref().filter(|pr| pr.content == content) {
-                    st.hlc = st.hlc.max(pr.at);
-                }
+                // Everything after a probe is stamped above the time written
+                // in it, whichever process wrote it: `updated` is then a
+                // function of the WAL, the same when a restart decodes it again.
+                let at = probe_time(&content);
+                st.hlc = st.hlc.max(at);
                 push_item(
                     p,
                     Item::Probe {
                         lsn: lsn.as_u64(),
                         content,
+                        at,
                     },
                     flush_rows,
                     flush_bytes,
@@ -1537,11 +1573,17 @@ impl Feed {
 
     /// Reports the acknowledged position to the server (sent with the next
     /// standby status update): the slot's confirmed position moves there.
-    fn report_position(&mut self, repl: &ReplicationClient) {
+    async fn report_position(
+        &mut self,
+        db: &tokio_postgres::Client,
+        repl: &ReplicationClient,
+    ) -> Result<()> {
         if self.want_advance > self.advanced_to {
+            self.record_floor(db).await?;
             repl.update_applied_lsn(Lsn::from_u64(self.want_advance));
             self.advanced_to = self.want_advance;
         }
+        Ok(())
     }
 
     /// After the stream stopped: writes the acknowledged position into the
@@ -1549,6 +1591,10 @@ impl Feed {
     /// walsender releases the slot as it exits, so this waits a little for it.
     async fn persist_position(&mut self, db: &tokio_postgres::Client) {
         if self.want_advance == 0 {
+            return;
+        }
+        if let Err(e) = self.record_floor(db).await {
+            tracing::warn!(slot = %self.slot, "the slot keeps its position: {e:#}");
             return;
         }
         let to = pgoutput::lsn_to_string(self.want_advance);
@@ -1635,16 +1681,15 @@ impl Feed {
         let now: chrono::DateTime<chrono::Utc> =
             db.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
         self.probe_seq += 1;
-        let content = format!("{}:{}", std::process::id(), self.probe_seq);
+        let nanos = now.timestamp_nanos_opt().unwrap_or(0);
+        let content = format!("{}:{}:{nanos}", std::process::id(), self.probe_seq);
         db.execute(
             "SELECT pg_logical_emit_message(false, $1::text, $2::text)",
             &[&self.probe_prefix, &content],
         )
         .await?;
-        let nanos = now.timestamp_nanos_opt().unwrap_or(0);
         self.probe = Some(Probe {
             content,
-            at: Hlc::new(nanos, 0),
             emitted: Instant::now(),
         });
         self.last_probe_at = Instant::now();

@@ -157,6 +157,7 @@ impl Feed {
         )
         .await?;
         self.floor = self.floor.max(scan.at);
+        self.record_floor(db).await?;
         Ok(true)
     }
 
