@@ -16,7 +16,7 @@
 use anyhow::{Context, Result};
 
 use super::pgoutput::lsn_to_string;
-use super::Feed;
+use super::{create_if_absent, Feed};
 use crate::changefeed::Hlc;
 
 const FLOORS: &str = "public.meridian_changefeed_floors";
@@ -25,14 +25,14 @@ impl Feed {
     /// Creates the table when absent and reads the floor at the slot's
     /// confirmed position `lsn` (zero when none was recorded: a new slot).
     pub(super) async fn load_floor(&mut self, db: &tokio_postgres::Client, lsn: u64) -> Result<()> {
-        db.batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {FLOORS} (slot_name TEXT NOT NULL, lsn PG_LSN NOT NULL, \
-             nanos INT8 NOT NULL, logical INT4 NOT NULL, PRIMARY KEY (slot_name, lsn))"
-        ))
-        .await
-        .with_context(|| {
-            format!("creating {FLOORS}, where the changefeed keeps its position's `updated` floor")
-        })?;
+        create_if_absent(
+            db,
+            FLOORS,
+            "(slot_name TEXT NOT NULL, lsn PG_LSN NOT NULL, nanos INT8 NOT NULL, \
+             logical INT4 NOT NULL, PRIMARY KEY (slot_name, lsn))",
+            "where the changefeed keeps the `updated` floor of its slot's position",
+        )
+        .await?;
         let row = db
             .query_opt(
                 &format!(

@@ -704,6 +704,32 @@ async fn source_session(conn: &str) -> Result<tokio_postgres::Client> {
     Ok(db)
 }
 
+/// Creates a bookkeeping table unless it exists; checked first, as CREATE
+/// TABLE IF NOT EXISTS needs the right to create in the schema even when
+/// the table is there (a DBA may create it for a less privileged user).
+async fn create_if_absent(
+    db: &tokio_postgres::Client,
+    table: &str,
+    columns: &str,
+    purpose: &str,
+) -> Result<()> {
+    let exists: bool = db
+        .query_one(&format!("SELECT to_regclass('{table}') IS NOT NULL"), &[])
+        .await?
+        .get(0);
+    if !exists {
+        db.batch_execute(&format!("CREATE TABLE IF NOT EXISTS {table} {columns}"))
+            .await
+            .with_context(|| {
+                format!(
+                    "creating {table}, {purpose} (the changefeed's user needs CREATE on the schema, \
+                     or a DBA creates the table: CREATE TABLE {table} {columns})"
+                )
+            })?;
+    }
+    Ok(())
+}
+
 /// A replication-connection error, with what to fix where the cause is known.
 fn replication_error(e: pgwire_replication::PgWireError, slot: &str) -> anyhow::Error {
     let text = e.to_string();

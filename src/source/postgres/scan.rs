@@ -28,7 +28,10 @@ use tokio_postgres::SimpleQueryMessage;
 
 use super::pgoutput::{Column, Datum};
 use super::sink::SendError;
-use super::{quote_ident, replication_error, source_session, Builder, Feed, Rel, TableInfo, Txn};
+use super::{
+    create_if_absent, quote_ident, replication_error, source_session, Builder, Feed, Rel,
+    TableInfo, Txn,
+};
 use crate::changefeed::Hlc;
 
 /// Where a scan under way is marked, in the source database.
@@ -75,14 +78,13 @@ impl Feed {
         &self,
         db: &tokio_postgres::Client,
     ) -> Result<(String, PendingScan)> {
-        db.batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {MARKS} (slot_name TEXT PRIMARY KEY, \
-             started_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-        ))
-        .await
-        .with_context(|| {
-            format!("creating {MARKS}, where the changefeed marks a scan under way")
-        })?;
+        create_if_absent(
+            db,
+            MARKS,
+            "(slot_name TEXT PRIMARY KEY, started_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            "where the changefeed marks an initial scan under way",
+        )
+        .await?;
         db.execute(
             &format!("INSERT INTO {MARKS} (slot_name) VALUES ($1) ON CONFLICT DO NOTHING"),
             &[&self.slot],
