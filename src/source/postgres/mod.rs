@@ -730,6 +730,18 @@ async fn create_if_absent(
     Ok(())
 }
 
+/// What a finished sending task carried, once the sink accepted its batch;
+/// `None` when it stopped for shutdown.
+fn acknowledged<T>(
+    done: std::result::Result<(T, Result<(), SendError>), tokio::task::JoinError>,
+) -> Result<Option<T>> {
+    let (carried, result) = done.context("sending task")?;
+    match result {
+        Ok(()) => Ok(Some(carried)),
+        Err(SendError::Shutdown) => Ok(None),
+    }
+}
+
 /// A replication-connection error, with what to fix where the cause is known.
 fn replication_error(e: pgwire_replication::PgWireError, slot: &str) -> anyhow::Error {
     let text = e.to_string();
@@ -1533,11 +1545,9 @@ impl Feed {
         p: &mut Pipeline,
         done: std::result::Result<(u64, Result<(), SendError>), tokio::task::JoinError>,
     ) -> Result<bool> {
-        let (seq, result) = done.context("sending task")?;
-        match result {
-            Ok(()) => {}
-            Err(SendError::Shutdown) => return Ok(false),
-        }
+        let Some(seq) = acknowledged(done)? else {
+            return Ok(false);
+        };
         let f = p
             .window
             .iter_mut()

@@ -29,8 +29,8 @@ use tokio_postgres::SimpleQueryMessage;
 use super::pgoutput::{Column, Datum};
 use super::sink::SendError;
 use super::{
-    create_if_absent, quote_ident, replication_error, source_session, Builder, Feed, Rel,
-    TableInfo, Txn,
+    acknowledged, create_if_absent, quote_ident, replication_error, source_session, Builder, Feed,
+    Rel, TableInfo, Txn,
 };
 use crate::changefeed::Hlc;
 
@@ -306,11 +306,9 @@ impl Feed {
         &self,
         done: std::result::Result<(Counts, Result<(), SendError>), tokio::task::JoinError>,
     ) -> Result<bool> {
-        let (counts, result) = done.context("sending task")?;
-        match result {
-            Ok(()) => {}
-            Err(SendError::Shutdown) => return Ok(false),
-        }
+        let Some(counts) = acknowledged(done)? else {
+            return Ok(false);
+        };
         self.metrics.record_sent(&counts);
         for ((schema, table), n) in &counts {
             self.metrics
