@@ -1,6 +1,11 @@
 //! Userscript throughput: rows/s through the seed's dispatch (init.ts +
 //! repl.ts, verbatim) and through a filtering `apply` that hands survivors to
 //! `getTX().apply`. Run with `cargo bench --bench userscript`.
+//!
+//! `BENCH_SCRIPT_DIR=dir` loads `init.ts` (and `init_apply.ts`) from another
+//! folder, to price a variant of the script (a dispatch that returns null
+//! prices meridian's side of a call); `BENCH_NOCHECK=1` then skips the check
+//! that the seed's half of the rows were kept.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
