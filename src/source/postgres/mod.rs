@@ -681,6 +681,8 @@ struct Feed {
     persisted_floor: Option<Hlc>,
     /// Floors were recorded since the last pruning.
     floors_to_prune: bool,
+    /// The batches sent are the initial scan's.
+    scanning: bool,
 }
 
 /// An ordinary connection to the source, with the session settings that make
@@ -728,18 +730,6 @@ async fn create_if_absent(
             })?;
     }
     Ok(())
-}
-
-/// What a finished sending task carried, once the sink accepted its batch;
-/// `None` when it stopped for shutdown.
-fn acknowledged<T>(
-    done: std::result::Result<(T, Result<(), SendError>), tokio::task::JoinError>,
-) -> Result<Option<T>> {
-    let (carried, result) = done.context("sending task")?;
-    match result {
-        Ok(()) => Ok(Some(carried)),
-        Err(SendError::Shutdown) => Ok(None),
-    }
 }
 
 /// A replication-connection error, with what to fix where the cause is known.
@@ -836,6 +826,7 @@ impl Feed {
             pending_scan: None,
             persisted_floor: None,
             floors_to_prune: false,
+            scanning: false,
         }
     }
 
@@ -1545,9 +1536,11 @@ impl Feed {
         p: &mut Pipeline,
         done: std::result::Result<(u64, Result<(), SendError>), tokio::task::JoinError>,
     ) -> Result<bool> {
-        let Some(seq) = acknowledged(done)? else {
-            return Ok(false);
-        };
+        let (seq, result) = done.context("sending task")?;
+        match result {
+            Ok(()) => {}
+            Err(SendError::Shutdown) => return Ok(false),
+        }
         let f = p
             .window
             .iter_mut()
@@ -1567,6 +1560,14 @@ impl Feed {
             }
         }
         self.metrics.record_sent(&f.counts);
+        if self.scanning {
+            for ((schema, table), n) in &f.counts {
+                self.metrics
+                    .scan_rows
+                    .with_label_values(&[schema, table])
+                    .inc_by(*n);
+            }
+        }
         let newest = micros_to_hlc(f.newest_commit_micros);
         self.metrics
             .lag_seconds

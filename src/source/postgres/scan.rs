@@ -16,29 +16,23 @@
 //! that mark drops the slot and scans again from a new snapshot.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use pgwire_replication::ReplicationClient;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_postgres::SimpleQueryMessage;
 
+use super::pgoutput::PG_EPOCH_MICROS;
 use super::pgoutput::{Column, Datum};
-use super::sink::SendError;
 use super::{
-    acknowledged, create_if_absent, quote_ident, replication_error, source_session, Builder, Feed,
-    Rel, TableInfo, Txn,
+    create_if_absent, flush_tail, push_item, quote_ident, replication_error, source_session, Feed,
+    Item, Pipeline, Rel, Step, TableInfo, Txn,
 };
 use crate::changefeed::Hlc;
 
 /// Where a scan under way is marked, in the source database.
 const MARKS: &str = "public.meridian_initial_scans";
-
-/// Rows acknowledged per (schema, table), as a batch counts them.
-type Counts = HashMap<(Arc<str>, Arc<str>), u64>;
 
 /// Rows read from the snapshot per round trip.
 const FETCH_ROWS: usize = 2_000;
@@ -146,7 +140,9 @@ impl Feed {
             return Ok(true);
         };
         self.metrics.scan_running.set(1);
+        self.scanning = true;
         let result = self.send_scan(db, &scan, shutdown).await;
+        self.scanning = false;
         self.metrics.scan_running.set(0);
         self.rels.clear();
         if !result? {
@@ -172,8 +168,14 @@ impl Feed {
         let started = Instant::now();
         let mut last_report = Instant::now();
         let updated = scan.at.to_string();
-        let mut tasks: JoinSet<(Counts, Result<(), SendError>)> = JoinSet::new();
-        let mut builder = Builder::default();
+        let commit_micros = scan.at.nanos / 1000 - PG_EPOCH_MICROS;
+        // Scanned rows go through the stream's own batching and window, as
+        // transactions of one fetch each: one version per key, so full
+        // batches travel side by side.
+        let mut p = Pipeline::new();
+        let queue_max = 2 * self.opts.max_in_flight.max(1);
+        // A fetch never outgrows a batch, so none is split (split batches go alone).
+        let fetch_rows = FETCH_ROWS.min(self.opts.flush_rows.max(1));
         let mut total = 0u64;
         let mut tables: Vec<(String, String)> = self.wanted.iter().cloned().collect();
         tables.sort();
@@ -197,29 +199,25 @@ impl Feed {
                 .await
                 .with_context(|| format!("scanning {qualified}"))?;
             let mut rows_of_table = 0u64;
-            let mut txn = Txn {
-                end_lsn: 0,
-                hlc: scan.at,
-                commit_micros: 0,
-                buf: Vec::new(),
-                lines: Vec::new(),
-            };
             let mut frags = Vec::new();
             loop {
                 let fetched = scan
                     .db
-                    .simple_query(&format!("FETCH {FETCH_ROWS} FROM meridian_scan"))
+                    .simple_query(&format!("FETCH {fetch_rows} FROM meridian_scan"))
                     .await
                     .with_context(|| format!("scanning {qualified}"))?;
-                let mut n = 0;
+                let mut txn = Txn {
+                    end_lsn: 0,
+                    hlc: scan.at,
+                    commit_micros,
+                    buf: Vec::new(),
+                    lines: Vec::new(),
+                };
                 let mut datums: Vec<Datum> = Vec::new();
-                txn.buf.clear();
-                txn.lines.clear();
                 for m in &fetched {
                     let SimpleQueryMessage::Row(row) = m else {
                         continue;
                     };
-                    n += 1;
                     datums.clear();
                     for i in 0..row.len() {
                         datums.push(match row.get(i) {
@@ -229,17 +227,15 @@ impl Feed {
                     }
                     self.write_row(&mut txn, relid, None, Some(&datums), &updated, &mut frags);
                 }
-                for l in &txn.lines {
-                    builder.push(&txn.buf[l.start..l.end], l.key_hash, &l.table);
-                    let full = builder.rows >= self.opts.flush_rows
-                        || builder.bytes() >= self.opts.flush_bytes;
-                    if full
-                        && !self
-                            .send_scan_batch(&mut tasks, &mut builder, shutdown)
-                            .await?
-                    {
-                        return Ok(false);
-                    }
+                let n = txn.lines.len() as u64;
+                push_item(
+                    &mut p,
+                    Item::Txn(txn),
+                    self.opts.flush_rows,
+                    self.opts.flush_bytes,
+                );
+                if !self.pump(&mut p, shutdown, queue_max).await? {
+                    return Ok(false);
                 }
                 rows_of_table += n;
                 total += n;
@@ -250,24 +246,16 @@ impl Feed {
                         "initial scan: rows read so far"
                     );
                 }
-                if n < FETCH_ROWS as u64 {
+                if n < fetch_rows as u64 {
                     break;
                 }
             }
             scan.db.batch_execute("CLOSE meridian_scan").await?;
             tracing::info!(table = %qualified, rows = rows_of_table, "initial scan: table read");
         }
-        if builder.rows > 0
-            && !self
-                .send_scan_batch(&mut tasks, &mut builder, shutdown)
-                .await?
-        {
+        flush_tail(&mut p, true);
+        if !self.pump(&mut p, shutdown, 0).await? {
             return Ok(false);
-        }
-        while let Some(done) = tasks.join_next().await {
-            if !self.scan_batch_sent(done)? {
-                return Ok(false);
-            }
         }
         tracing::info!(
             rows = total,
@@ -277,46 +265,43 @@ impl Feed {
         Ok(true)
     }
 
-    /// Starts sending the filled batch, first waiting for room among the
-    /// batches in flight. Scanned rows hold one version of each key, so they
-    /// may travel in any order. False on shutdown.
-    async fn send_scan_batch(
+    /// Sends what may go of `p`'s queue, then waits for acknowledgements
+    /// until at most `queued` batches wait (0: until everything was
+    /// acknowledged). False on shutdown.
+    async fn pump(
         &mut self,
-        tasks: &mut JoinSet<(Counts, Result<(), SendError>)>,
-        builder: &mut Builder,
+        p: &mut Pipeline,
         shutdown: &watch::Receiver<bool>,
+        queued: usize,
     ) -> Result<bool> {
-        while tasks.len() >= self.opts.max_in_flight.max(1) {
-            let done = tasks.join_next().await.expect("tasks in flight");
-            if !self.scan_batch_sent(done)? {
+        let max_in_flight = self.opts.max_in_flight.max(1);
+        loop {
+            while let Some(Step::Batch(b)) = p.queue.front() {
+                if !p.can_dispatch(b, max_in_flight) {
+                    break;
+                }
+                let Some(Step::Batch(b)) = p.queue.pop_front() else {
+                    unreachable!()
+                };
+                self.dispatch(p, b, shutdown);
+            }
+            self.take_acknowledged(p);
+            let enough = match queued {
+                0 => p.idle(),
+                n => p.queue.len() <= n,
+            };
+            if enough {
+                return Ok(true);
+            }
+            let done = p
+                .tasks
+                .join_next()
+                .await
+                .context("batches wait, but none is in flight")?;
+            if !self.sent(p, done)? {
                 return Ok(false);
             }
         }
-        let b = builder.finish(true);
-        let sink = self.sink.clone();
-        let mut sd = shutdown.clone();
-        tasks.spawn(async move {
-            let r = sink.send(b.body, &mut sd).await;
-            (b.counts, r)
-        });
-        Ok(true)
-    }
-
-    fn scan_batch_sent(
-        &self,
-        done: std::result::Result<(Counts, Result<(), SendError>), tokio::task::JoinError>,
-    ) -> Result<bool> {
-        let Some(counts) = acknowledged(done)? else {
-            return Ok(false);
-        };
-        self.metrics.record_sent(&counts);
-        for ((schema, table), n) in &counts {
-            self.metrics
-                .scan_rows
-                .with_label_values(&[schema, table])
-                .inc_by(*n);
-        }
-        Ok(true)
     }
 }
 
