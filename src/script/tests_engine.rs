@@ -81,6 +81,14 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Runs `batch` through the `dispatch` of a script whose only file is `script`
+/// (configuring source `db.s`).
+fn dispatch_with(script: &str, batch: Vec<Mutation>) -> Vec<Routed> {
+    let dir = dir_with(&[("main.ts", script)]);
+    let s = load(&dir, "main.ts").unwrap();
+    rt().block_on(s.dispatch("db", "s", None, batch)).unwrap()
+}
+
 #[test]
 fn seed_scripts_drop_local_rows_and_route_the_rest() {
     let script = Userscript::load(&shipped("init.ts"), limits()).unwrap();
@@ -591,9 +599,7 @@ fn parses_go_durations() {
 /// must still come back as the script left it.
 #[test]
 fn dispatch_returns_documents_as_the_script_left_them() {
-    let dir = dir_with(&[(
-        "main.ts",
-        r#"import * as api from "replicator@v1";
+    let script = r#"import * as api from "replicator@v1";
 api.configureSource("db.s", {
   dispatch: (doc: any, meta: any) => {
     switch (doc.k) {
@@ -611,9 +617,7 @@ api.configureSource("db.s", {
   },
   deletesTo: (doc: any, meta: any) => ({ d: [doc] }),
 });
-"#,
-    )]);
-    let s = load(&dir, "main.ts").unwrap();
+"#;
     let big: Value = serde_json::from_str("12345678901234567890.50").unwrap();
     let row = |doc: Value| upsert(doc, 1);
     let batch = vec![
@@ -640,7 +644,7 @@ api.configureSource("db.s", {
             ..row(json!({"k": 12}))
         },
     ];
-    let routed = rt().block_on(s.dispatch("db", "s", None, batch)).unwrap();
+    let routed = dispatch_with(script, batch);
     let got: Vec<(String, Value, Value)> = routed
         .iter()
         .map(|r| {
@@ -693,9 +697,7 @@ api.configureSource("db.s", {
 /// key value.
 #[test]
 fn dispatch_notices_changes_under_any_property_name() {
-    let dir = dir_with(&[(
-        "main.ts",
-        r#"import * as api from "replicator@v1";
+    let script = r#"import * as api from "replicator@v1";
 api.configureSource("db.s", {
   dispatch: (doc: any, meta: any) => {
     switch (doc.k) {
@@ -707,16 +709,14 @@ api.configureSource("db.s", {
     }
   },
 });
-"#,
-    )]);
-    let s = load(&dir, "main.ts").unwrap();
+"#;
     let doc = |k: i64| json!({"k": k, "a-b": "x", "class": true, "0": null, "x y": 1.5});
     let mut batch: Vec<Mutation> = (1..=4).map(|k| upsert(doc(k), 1)).collect();
     batch.push(Mutation {
         key: Some(vec![json!(5), json!("b")]),
         ..upsert(json!({"k": 5}), 1)
     });
-    let routed = rt().block_on(s.dispatch("db", "s", None, batch)).unwrap();
+    let routed = dispatch_with(script, batch);
     let got: Vec<Value> = routed
         .iter()
         .map(|r| Value::Object(r.mutation.after.clone().unwrap()))
@@ -743,15 +743,11 @@ api.configureSource("db.s", {
 /// tables, kinds and times change between rows.
 #[test]
 fn dispatch_meta_follows_each_row_of_a_transaction() {
-    let dir = dir_with(&[(
-        "main.ts",
-        r#"import * as api from "replicator@v1";
+    let script = r#"import * as api from "replicator@v1";
 const show = (doc: any, meta: any) =>
   ({ out: [{ k: doc.k, m: [meta.table, meta.nanos, meta.logical, meta.key].join("|") }] });
 api.configureSource("db.s", { dispatch: show, deletesTo: show });
-"#,
-    )]);
-    let s = load(&dir, "main.ts").unwrap();
+"#;
     let at = |m: Mutation, nanos: i64, logical: i32, topic: &str| Mutation {
         updated: Hlc::new(nanos, logical),
         topic: Some(topic.into()),
@@ -768,7 +764,7 @@ api.configureSource("db.s", { dispatch: show, deletesTo: show });
         at(upsert(json!({"k": 8, "v": "h"}), 0), 200, 0, "other"),
         at(upsert(json!({"k": 9, "v": "i"}), 0), 100, 0, "kv"),
     ];
-    let routed = rt().block_on(s.dispatch("db", "s", None, batch)).unwrap();
+    let routed = dispatch_with(script, batch);
     let seen: Vec<String> = routed
         .iter()
         .map(|r| {
