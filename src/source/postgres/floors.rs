@@ -22,9 +22,15 @@ use crate::changefeed::Hlc;
 const FLOORS: &str = "public.meridian_changefeed_floors";
 
 impl Feed {
-    /// Creates the table when absent and reads the floor at the slot's
-    /// confirmed position `lsn` (zero when none was recorded: a new slot).
-    pub(super) async fn load_floor(&mut self, db: &tokio_postgres::Client, lsn: u64) -> Result<()> {
+    /// Creates the table when absent and sets the floor for a stream that
+    /// starts at the slot's confirmed position `lsn`: the one recorded there,
+    /// or zero for a slot just `created` (whose old records are forgotten).
+    pub(super) async fn load_floor(
+        &mut self,
+        db: &tokio_postgres::Client,
+        lsn: u64,
+        created: bool,
+    ) -> Result<()> {
         create_if_absent(
             db,
             FLOORS,
@@ -33,6 +39,16 @@ impl Feed {
             "where the changefeed keeps the `updated` floor of its slot's position",
         )
         .await?;
+        if created {
+            db.execute(
+                &format!("DELETE FROM {FLOORS} WHERE slot_name = $1"),
+                &[&self.slot],
+            )
+            .await?;
+            self.floor = Hlc::default();
+            self.persisted_floor = None;
+            return Ok(());
+        }
         let row = db
             .query_opt(
                 &format!(
@@ -48,17 +64,6 @@ impl Feed {
             .map(|r| Hlc::new(r.get(0), r.get(1)))
             .unwrap_or_default();
         self.persisted_floor = Some(self.floor);
-        Ok(())
-    }
-
-    /// Forgets the floors of a slot that was just created.
-    pub(super) async fn reset_floors(&mut self, db: &tokio_postgres::Client) -> Result<()> {
-        db.execute(
-            &format!("DELETE FROM {FLOORS} WHERE slot_name = $1"),
-            &[&self.slot],
-        )
-        .await?;
-        self.persisted_floor = None;
         Ok(())
     }
 

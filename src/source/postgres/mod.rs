@@ -997,12 +997,7 @@ impl Feed {
         // The slot's own position is the truth after a (re)connect.
         self.advanced_to = pgoutput::parse_lsn(&confirmed)?;
         self.want_advance = self.want_advance.max(self.advanced_to);
-        if created {
-            self.load_floor(&db, 0).await?;
-            self.reset_floors(&db).await?;
-        } else {
-            self.load_floor(&db, self.advanced_to).await?;
-        }
+        self.load_floor(&db, self.advanced_to, created).await?;
         self.rels.clear();
         Ok(db)
     }
