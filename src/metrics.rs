@@ -311,13 +311,23 @@ impl ChangefeedMetrics {
         }
     }
 
-    /// Counts one batch the sink accepted, with its rows per (schema, table).
-    pub fn record_sent(&self, counts: &std::collections::HashMap<(Arc<str>, Arc<str>), u64>) {
+    /// Counts one batch the sink accepted, with its rows per (schema, table);
+    /// `scanned`: rows of the initial scan.
+    pub fn record_sent(
+        &self,
+        counts: &std::collections::HashMap<(Arc<str>, Arc<str>), u64>,
+        scanned: bool,
+    ) {
         self.batches_sent.inc();
         for ((schema, table), n) in counts {
             self.rows_sent
                 .with_label_values(&[schema, table])
                 .inc_by(*n);
+            if scanned {
+                self.scan_rows
+                    .with_label_values(&[schema, table])
+                    .inc_by(*n);
+            }
         }
     }
 }

@@ -1554,15 +1554,7 @@ impl Feed {
                 }
             }
         }
-        self.metrics.record_sent(&f.counts);
-        if self.scanning {
-            for ((schema, table), n) in &f.counts {
-                self.metrics
-                    .scan_rows
-                    .with_label_values(&[schema, table])
-                    .inc_by(*n);
-            }
-        }
+        self.metrics.record_sent(&f.counts, self.scanning);
         let newest = micros_to_hlc(f.newest_commit_micros);
         self.metrics
             .lag_seconds
