@@ -55,6 +55,11 @@ impl TableBatch<'_> {
     pub fn is_empty(&self) -> bool {
         self.ords.is_empty()
     }
+
+    /// The column arrays as statement parameters, in column order.
+    pub fn params(&self) -> impl Iterator<Item = &(dyn ToSql + Sync)> + '_ {
+        self.values.iter().map(Values::as_param)
+    }
 }
 
 /// Empty arrays for `columns`, each typed as its column's values travel,
@@ -364,9 +369,7 @@ fn losers_sql(schema: &TableSchema, batch: &TableBatch, rules: &WriteRules) -> S
 #[allow(clippy::ptr_arg)] // ToSql is implemented for Vec<T>, not [T].
 fn params<'a>(ords: &'a Vec<i32>, batch: &'a TableBatch) -> Vec<&'a (dyn ToSql + Sync)> {
     let mut p: Vec<&(dyn ToSql + Sync)> = vec![ords];
-    for col in &batch.values {
-        p.push(col.as_param());
-    }
+    p.extend(batch.params());
     p
 }
 
@@ -389,7 +392,7 @@ pub async fn upsert(
     rules: &WriteRules,
 ) -> Result<Upserted, TargetError> {
     let sql = upsert_sql(schema, batch, cas, rules);
-    let values: Vec<&(dyn ToSql + Sync)> = batch.values.iter().map(Values::as_param).collect();
+    let values: Vec<&(dyn ToSql + Sync)> = batch.params().collect();
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
     let written = tx.execute(&stmt, &values).await.map_err(TargetError::db)?;
     if cas.is_empty() || written as usize == batch.len() {
@@ -458,9 +461,7 @@ pub async fn delete(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        for col in &cas_values.values {
-            p.push(col.as_param());
-        }
+        p.extend(cas_values.params());
         format!(
             "WITH u AS (SELECT u.mrd_o, {}, {} FROM unnest($1::int4[], {}, {}) AS u(mrd_o{}{})), \
              d AS (DELETE FROM {t} AS cur USING u WHERE {pk} AND NOT ({} > {cas_u}) RETURNING {}) \
@@ -526,9 +527,7 @@ pub async fn fetch_losers(
     let mut arrays = vec!["$1::int4[]".to_string(), "$2::bool[]".to_string()];
     let mut alias = String::from("mrd_o, hb");
     let (ka, ks) = unnest_source(schema, keys, &none, "k", 3);
-    for col in &keys.values {
-        p.push(col.as_param());
-    }
+    p.extend(keys.params());
     arrays.extend(ka);
     alias.push_str(&aliases("k", keys.columns.len()));
     let key_cond = schema
@@ -550,9 +549,7 @@ pub async fn fetch_losers(
         Some(b) => {
             let (pa, ps) = unnest_source(schema, b, rules, "p", next);
             next += b.columns.len();
-            for col in &b.values {
-                p.push(col.as_param());
-            }
+            p.extend(b.params());
             arrays.extend(pa);
             alias.push_str(&aliases("p", b.columns.len()));
             format!("(SELECT to_jsonb(x) FROM (SELECT {}) x)", ps.join(", "))
@@ -562,9 +559,7 @@ pub async fn fetch_losers(
     let before_expr = match before {
         Some((b, _)) if !b.columns.is_empty() => {
             let (ba, bs) = unnest_source(schema, b, &none, "b", next);
-            for col in &b.values {
-                p.push(col.as_param());
-            }
+            p.extend(b.params());
             arrays.extend(ba);
             alias.push_str(&aliases("b", b.columns.len()));
             format!(
