@@ -128,17 +128,18 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
     slot_ready(&east).await;
     slot_ready(&west).await;
 
+    // Each statement stamps a later `_timestamp` than the one before, so
+    // west wins the lower half of the keys and east the upper half: both
+    // DLQs must fill, whatever the timing of phase 2.
     let phase1 = 200i64;
     let ec = connect(&east).await.unwrap();
     let wc = connect(&west).await.unwrap();
-    for c in [&ec, &wc] {
-        c.execute(
-            "INSERT INTO kv (k, v) SELECT k, decode(md5(random()::text), 'hex') FROM generate_series(0::int8, $1::int8 - 1) k",
-            &[&phase1],
-        )
-        .await
-        .unwrap();
-    }
+    let insert = "INSERT INTO kv (k, v) SELECT k, decode(md5(random()::text), 'hex')
+                  FROM generate_series($1::int8, $2::int8 - 1) k";
+    let half = phase1 / 2;
+    ec.execute(insert, &[&0i64, &half]).await.unwrap();
+    wc.execute(insert, &[&0i64, &phase1]).await.unwrap();
+    ec.execute(insert, &[&half, &phase1]).await.unwrap();
     east_west.start();
     west_east.start();
     east_west.wait_healthy().await;
@@ -218,6 +219,7 @@ async fn east_and_west_converge_through_crashes_and_restarts() {
             .await
             .unwrap()
             .get(0);
+        assert_eq!(won, half, "{winner} wrote last on half of the phase-1 keys");
         assert_eq!(
             in_winner, won,
             "{winner} won {won} phase-1 keys; its DLQ must hold each {loser} version once"
