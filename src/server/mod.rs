@@ -17,6 +17,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::RustlsAcceptor;
 use axum_server::Handle;
 use http_body_util::BodyExt;
 
@@ -142,14 +144,20 @@ pub async fn serve(args: StartArgs) -> Result<RunningServer> {
     let handle = Handle::new();
     let svc = app.into_make_service();
     let is_tls = tls.is_some();
+    // TCP_NODELAY: a response leaves in more than one write (with TLS, one
+    // record each), and Nagle would hold the last one until the client's
+    // delayed ACK, up to 40 ms, stalling a changefeed that sends one small
+    // batch at a time.
     tasks.push(match tls {
         Some(cfg) => tokio::spawn(
-            axum_server::bind_rustls(args.bind_addr, cfg)
+            axum_server::bind(args.bind_addr)
+                .acceptor(RustlsAcceptor::new(cfg).acceptor(NoDelayAcceptor))
                 .handle(handle.clone())
                 .serve(svc),
         ),
         None => tokio::spawn(
             axum_server::bind(args.bind_addr)
+                .acceptor(NoDelayAcceptor)
                 .handle(handle.clone())
                 .serve(svc),
         ),
@@ -166,6 +174,7 @@ pub async fn serve(args: StartArgs) -> Result<RunningServer> {
         let h = Handle::new();
         tasks.push(tokio::spawn(
             axum_server::bind(maddr)
+                .acceptor(NoDelayAcceptor)
                 .handle(h.clone())
                 .serve(mapp.into_make_service()),
         ));
