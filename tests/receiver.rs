@@ -854,3 +854,54 @@ async fn typed_columns_round_trip_exactly() {
         }
     }
 }
+
+/// Sockets of this process that were accepted on `port`: the server's side
+/// of its open connections.
+fn accepted_on(port: u16) -> Vec<std::os::fd::RawFd> {
+    use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| {
+            let local = getsockname::<SockaddrStorage>(fd).ok();
+            let local_port = local
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in())
+                .map(|a| a.port());
+            local_port == Some(port) && getpeername::<SockaddrStorage>(fd).is_ok()
+        })
+        .collect()
+}
+
+/// A response leaves in several writes; with Nagle on, the last one waits
+/// for the client's delayed ACK (up to 40 ms), which stalled changefeeds
+/// sending one small batch at a time.
+#[tokio::test]
+async fn connections_are_accepted_with_nagle_off() {
+    use nix::sys::socket::{getsockopt, sockopt::TcpNoDelay};
+    for (name, extra) in [
+        ("nodelay_plain", &[][..]),
+        ("nodelay_tls", &["--tlsSelfSigned"][..]),
+    ] {
+        let f = fixture(name, KV_SCHEMA, extra).await;
+        let (status, text) = f
+            .post(
+                &format!("/{name}/public"),
+                batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
+            )
+            .await;
+        assert_eq!(status, 200, "{text}");
+        // The client keeps its connection open for the next request.
+        let fds = accepted_on(f.server.addr().port());
+        assert!(!fds.is_empty(), "{name}: no open connection found");
+        for fd in fds {
+            // SAFETY: only read; the descriptor belongs to the server's open
+            // connection, which the client's pool keeps alive.
+            let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            assert!(
+                getsockopt(&sock, TcpNoDelay).unwrap(),
+                "{name}: Nagle is on for fd {fd}"
+            );
+        }
+    }
+}
