@@ -681,6 +681,9 @@ struct Feed {
     persisted_floor: Option<Hlc>,
     /// Floors were recorded since the last pruning.
     floors_to_prune: bool,
+    /// The floor upsert, prepared on the current source connection (it runs
+    /// for every acknowledged batch that moved the floor).
+    floor_upsert: Option<tokio_postgres::Statement>,
     /// The batches sent are the initial scan's.
     scanning: bool,
 }
@@ -826,6 +829,7 @@ impl Feed {
             pending_scan: None,
             persisted_floor: None,
             floors_to_prune: false,
+            floor_upsert: None,
             scanning: false,
         }
     }
@@ -1112,30 +1116,23 @@ impl Feed {
 
             // Dispatch what may go now. Nothing goes while a resolved
             // checkpoint waits for the window to drain.
-            loop {
-                match p.queue.front() {
-                    _ if resolved_due => break,
-                    Some(Step::Batch(b)) if p.can_dispatch(b, max_in_flight) => {
-                        let Some(Step::Batch(b)) = p.queue.pop_front() else {
-                            unreachable!()
-                        };
-                        self.dispatch(&mut p, b, shutdown);
+            if !resolved_due {
+                loop {
+                    self.dispatch_ready(&mut p, shutdown);
+                    if p.in_flight > 0 || !matches!(p.queue.front(), Some(Step::Probe { .. })) {
+                        break;
                     }
-                    Some(Step::Probe { .. }) if p.in_flight == 0 => {
-                        self.take_acknowledged(&mut p);
-                        let Some(Step::Probe { lsn, content, at }) = p.queue.pop_front() else {
-                            unreachable!()
-                        };
-                        // As decoding did (see on_event): the floor at this
-                        // position depends only on the WAL.
-                        self.floor = self.floor.max(at);
-                        self.pending_advance(lsn);
-                        if self.probe.as_ref().is_some_and(|pr| pr.content == content) {
-                            self.probe = None;
-                            self.reached = Some(self.floor);
-                        }
+                    self.take_acknowledged(&mut p);
+                    let Some(Step::Probe { lsn, content, at }) = p.queue.pop_front() else {
+                        unreachable!()
+                    };
+                    // As decoding did (see on_event): the floor at this position
+                    // depends only on the WAL.
+                    self.acked_through(lsn, at);
+                    if self.probe.as_ref().is_some_and(|pr| pr.content == content) {
+                        self.probe = None;
+                        self.reached = Some(self.floor);
                     }
-                    _ => break,
                 }
             }
             self.report_position(db, repl).await?;
@@ -1567,9 +1564,29 @@ impl Feed {
         while p.window.front().is_some_and(|f| f.done) {
             let f = p.window.pop_front().unwrap();
             if let Some((lsn, hlc)) = f.boundary {
-                self.floor = self.floor.max(hlc);
-                self.pending_advance(lsn);
+                self.acked_through(lsn, hlc);
             }
+        }
+    }
+
+    /// Everything up to `lsn` is acknowledged, and `updated` reached `hlc`
+    /// there.
+    fn acked_through(&mut self, lsn: u64, hlc: Hlc) {
+        self.floor = self.floor.max(hlc);
+        self.pending_advance(lsn);
+    }
+
+    /// Sends the batches at the front of the queue that may go now.
+    fn dispatch_ready(&mut self, p: &mut Pipeline, shutdown: &watch::Receiver<bool>) {
+        let max_in_flight = self.opts.max_in_flight.max(1);
+        while let Some(Step::Batch(b)) = p.queue.front() {
+            if !p.can_dispatch(b, max_in_flight) {
+                break;
+            }
+            let Some(Step::Batch(b)) = p.queue.pop_front() else {
+                unreachable!()
+            };
+            self.dispatch(p, b, shutdown);
         }
     }
 

@@ -1,5 +1,7 @@
 //! The `pgoutput` logical replication protocol (version 1), one message per
-//! XLogData of a replication stream (one per row change).
+//! XLogData of a replication stream (one per row change). Begin, Commit and
+//! logical messages never get here: pgwire-replication hands them over as
+//! events of their own.
 //! See "Logical Replication Message Formats" in the PostgreSQL manual.
 
 use std::borrow::Cow;
@@ -26,17 +28,6 @@ pub enum Datum<'a> {
 /// A decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message<'a> {
-    Begin {
-        final_lsn: u64,
-        /// Commit time, microseconds since 2000-01-01 UTC.
-        commit_micros: i64,
-        xid: u32,
-    },
-    Commit {
-        commit_lsn: u64,
-        end_lsn: u64,
-        commit_micros: i64,
-    },
     Relation {
         relid: u32,
         namespace: String,
@@ -58,13 +49,6 @@ pub enum Message<'a> {
     },
     Truncate {
         relids: Vec<u32>,
-    },
-    /// A message written with `pg_logical_emit_message`.
-    LogicalMessage {
-        transactional: bool,
-        lsn: u64,
-        prefix: String,
-        content: Vec<u8>,
     },
     /// Origin, Type and anything newer: not needed here.
     Other(u8),
@@ -98,12 +82,6 @@ impl<'a> Reader<'a> {
     }
     fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_be_bytes(self.take(4)?.try_into()?))
-    }
-    fn i64(&mut self) -> Result<i64> {
-        Ok(i64::from_be_bytes(self.take(8)?.try_into()?))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into()?))
     }
     fn cstr(&mut self) -> Result<String> {
         let rest = &self.buf[self.pos..];
@@ -139,19 +117,6 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>> {
     let mut r = Reader { buf, pos: 0 };
     let tag = r.u8()?;
     Ok(match tag {
-        b'B' => Message::Begin {
-            final_lsn: r.u64()?,
-            commit_micros: r.i64()?,
-            xid: r.u32()?,
-        },
-        b'C' => {
-            let _flags = r.u8()?;
-            Message::Commit {
-                commit_lsn: r.u64()?,
-                end_lsn: r.u64()?,
-                commit_micros: r.i64()?,
-            }
-        }
         b'R' => {
             let relid = r.u32()?;
             let namespace = r.cstr()?;
@@ -220,19 +185,6 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>> {
                 relids.push(r.u32()?);
             }
             Message::Truncate { relids }
-        }
-        b'M' => {
-            let flags = r.u8()?;
-            let lsn = r.u64()?;
-            let prefix = r.cstr()?;
-            let len = r.i32()?;
-            let content = r.take(len.max(0) as usize)?.to_vec();
-            Message::LogicalMessage {
-                transactional: flags & 1 == 1,
-                lsn,
-                prefix,
-                content,
-            }
         }
         other => Message::Other(other),
     })

@@ -27,7 +27,7 @@ use super::pgoutput::PG_EPOCH_MICROS;
 use super::pgoutput::{Column, Datum};
 use super::{
     create_if_absent, flush_tail, push_item, quote_ident, replication_error, source_session, Feed,
-    Item, Pipeline, Rel, Step, TableInfo, Txn,
+    Item, Pipeline, Rel, TableInfo, Txn,
 };
 use crate::changefeed::Hlc;
 
@@ -274,17 +274,8 @@ impl Feed {
         shutdown: &watch::Receiver<bool>,
         queued: usize,
     ) -> Result<bool> {
-        let max_in_flight = self.opts.max_in_flight.max(1);
         loop {
-            while let Some(Step::Batch(b)) = p.queue.front() {
-                if !p.can_dispatch(b, max_in_flight) {
-                    break;
-                }
-                let Some(Step::Batch(b)) = p.queue.pop_front() else {
-                    unreachable!()
-                };
-                self.dispatch(p, b, shutdown);
-            }
+            self.dispatch_ready(p, shutdown);
             self.take_acknowledged(p);
             let enough = match queued {
                 0 => p.idle(),
