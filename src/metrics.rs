@@ -270,12 +270,11 @@ impl ChangefeedMetrics {
         r.register(Box::new(lag_seconds.clone())).unwrap();
         r.register(Box::new(slot_lag_bytes.clone())).unwrap();
         r.register(Box::new(send_duration.clone())).unwrap();
-        let scan_running = IntGauge::new(
+        let scan_running = gauge(
+            &r,
             "changefeed_initial_scan_running",
             "1 while the initial scan of a new slot is being sent",
-        )
-        .unwrap();
-        r.register(Box::new(scan_running.clone())).unwrap();
+        );
         let errors = counter_vec(
             &r,
             "changefeed_errors_total",

@@ -41,6 +41,7 @@ pub mod sink;
 pub mod values;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -709,6 +710,20 @@ async fn source_session(conn: &str) -> Result<tokio_postgres::Client> {
     Ok(db)
 }
 
+async fn table_exists(db: &tokio_postgres::Client, table: &str) -> Result<bool> {
+    Ok(db
+        .query_one(&format!("SELECT to_regclass('{table}') IS NOT NULL"), &[])
+        .await?
+        .get(0))
+}
+
+/// The source server's clock, in nanoseconds since the Unix epoch.
+async fn server_nanos(db: &tokio_postgres::Client) -> Result<i64> {
+    let now: chrono::DateTime<chrono::Utc> =
+        db.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
+    Ok(now.timestamp_nanos_opt().unwrap_or(0))
+}
+
 /// Creates a bookkeeping table unless it exists; checked first, as CREATE
 /// TABLE IF NOT EXISTS needs the right to create in the schema even when
 /// the table is there (a DBA may create it for a less privileged user).
@@ -718,11 +733,7 @@ async fn create_if_absent(
     columns: &str,
     purpose: &str,
 ) -> Result<()> {
-    let exists: bool = db
-        .query_one(&format!("SELECT to_regclass('{table}') IS NOT NULL"), &[])
-        .await?
-        .get(0);
-    if !exists {
+    if !table_exists(db, table).await? {
         db.batch_execute(&format!("CREATE TABLE IF NOT EXISTS {table} {columns}"))
             .await
             .with_context(|| {
@@ -1256,13 +1267,11 @@ impl Feed {
         let (flush_rows, flush_bytes) = (self.opts.flush_rows, self.opts.flush_bytes);
         match ev {
             ReplicationEvent::Begin {
-                final_lsn: _,
-                commit_time_micros,
-                ..
+                commit_time_micros, ..
             } => {
                 let hlc = micros_to_hlc(commit_time_micros).max(next(st.hlc));
                 st.updated.clear();
-                st.updated.push_str(&hlc.to_string());
+                let _ = write!(st.updated, "{hlc}");
                 st.cur = Some(Txn {
                     end_lsn: 0,
                     hlc,
@@ -1719,10 +1728,8 @@ impl Feed {
         // Read the clock first: any transaction committing after this point
         // either precedes the message in the WAL (and is sent before the probe
         // is reached) or is stamped above the probe's time.
-        let now: chrono::DateTime<chrono::Utc> =
-            db.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
+        let nanos = server_nanos(db).await?;
         self.probe_seq += 1;
-        let nanos = now.timestamp_nanos_opt().unwrap_or(0);
         let content = format!("{}:{}:{nanos}", std::process::id(), self.probe_seq);
         db.execute(
             "SELECT pg_logical_emit_message(false, $1::text, $2::text)",

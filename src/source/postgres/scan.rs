@@ -26,8 +26,8 @@ use tokio_postgres::SimpleQueryMessage;
 use super::pgoutput::PG_EPOCH_MICROS;
 use super::pgoutput::{Column, Datum};
 use super::{
-    create_if_absent, flush_tail, push_item, quote_ident, replication_error, source_session, Feed,
-    Item, Pipeline, Rel, TableInfo, Txn,
+    create_if_absent, flush_tail, push_item, quote_ident, replication_error, server_nanos,
+    source_session, table_exists, Feed, Item, Pipeline, Rel, TableInfo, Txn,
 };
 use crate::changefeed::Hlc;
 
@@ -49,11 +49,7 @@ pub(super) struct PendingScan {
 impl Feed {
     /// Whether this changefeed's slot was created for a scan that did not finish.
     pub(super) async fn scan_interrupted(&self, db: &tokio_postgres::Client) -> Result<bool> {
-        let marks: bool = db
-            .query_one(&format!("SELECT to_regclass('{MARKS}') IS NOT NULL"), &[])
-            .await?
-            .get(0);
-        if !marks {
+        if !table_exists(db, MARKS).await? {
             return Ok(false);
         }
         Ok(db
@@ -117,15 +113,12 @@ impl Feed {
         drop(repl);
         // Every transaction in the snapshot committed before now; every one
         // the stream sends is stamped above it (the floor).
-        let now: chrono::DateTime<chrono::Utc> = scan_db
-            .query_one("SELECT clock_timestamp()", &[])
-            .await?
-            .get(0);
+        let now = server_nanos(&scan_db).await?;
         tracing::info!(
             slot = %self.slot, snapshot = %snapshot, consistent_point = %consistent_point,
             "created replication slot; sending the rows the tables hold first (initial scan)"
         );
-        let at = Hlc::new(now.timestamp_nanos_opt().unwrap_or(0), 0);
+        let at = Hlc::new(now, 0);
         Ok((consistent_point, PendingScan { db: scan_db, at }))
     }
 
