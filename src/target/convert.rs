@@ -173,27 +173,6 @@ pub enum Wire {
     Uuid,
 }
 
-impl Wire {
-    /// The wire for a column of type `typname` (`pg_type.typname`). numeric
-    /// stays text (every digit kept by the server's own input function), and
-    /// so do json and jsonb, whose binary input is the same JSON parse.
-    pub fn of(typname: &str) -> Wire {
-        match typname {
-            "int2" => Wire::Int2,
-            "int4" => Wire::Int4,
-            "int8" => Wire::Int8,
-            "float4" => Wire::Float4,
-            "float8" => Wire::Float8,
-            "bool" => Wire::Bool,
-            "bytea" => Wire::Bytea,
-            "timestamptz" => Wire::Timestamptz,
-            "timestamp" => Wire::Timestamp,
-            "uuid" => Wire::Uuid,
-            _ => Wire::Text,
-        }
-    }
-}
-
 /// One column's values for a batch of rows, as the array parameter that
 /// carries them (`None` is NULL).
 ///
@@ -287,14 +266,6 @@ impl<'a> Values<'a> {
             Values::Timestamp(_) => "timestamp[]",
             Values::Uuid(_) => "uuid[]",
         }
-    }
-
-    pub fn len(&self) -> usize {
-        each!(self, v => v.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The values as a statement parameter.

@@ -68,16 +68,28 @@ impl TableSchema {
     }
 }
 
-fn kind_of(typname: &str, category: &str) -> Kind {
+/// How a column of type `typname` (`pg_type.typname`, in `pg_type`
+/// `category`) checks JSON values, and how its values travel. numeric
+/// travels as text (every digit kept by the server's own input function),
+/// and so do json and jsonb, whose binary input is the same JSON parse;
+/// oid is checked as an integer but travels as text.
+fn types_of(typname: &str, category: &str) -> (Kind, Wire) {
     match typname {
-        "int2" | "int4" | "int8" | "oid" => Kind::Integer,
-        "numeric" | "float4" | "float8" => Kind::Number,
-        "bool" => Kind::Bool,
-        "json" | "jsonb" => Kind::Json,
-        "bytea" => Kind::Bytea,
-        "uuid" => Kind::Uuid,
-        _ if category == "A" => Kind::Array,
-        _ => Kind::Text,
+        "int2" => (Kind::Integer, Wire::Int2),
+        "int4" => (Kind::Integer, Wire::Int4),
+        "int8" => (Kind::Integer, Wire::Int8),
+        "oid" => (Kind::Integer, Wire::Text),
+        "numeric" => (Kind::Number, Wire::Text),
+        "float4" => (Kind::Number, Wire::Float4),
+        "float8" => (Kind::Number, Wire::Float8),
+        "bool" => (Kind::Bool, Wire::Bool),
+        "json" | "jsonb" => (Kind::Json, Wire::Text),
+        "bytea" => (Kind::Bytea, Wire::Bytea),
+        "uuid" => (Kind::Uuid, Wire::Uuid),
+        "timestamptz" => (Kind::Text, Wire::Timestamptz),
+        "timestamp" => (Kind::Text, Wire::Timestamp),
+        _ if category == "A" => (Kind::Array, Wire::Text),
+        _ => (Kind::Text, Wire::Text),
     }
 }
 
@@ -116,11 +128,12 @@ pub async fn introspect(
     let mut columns = Vec::with_capacity(rows.len());
     for r in rows {
         let pk: Option<i32> = r.get(8);
+        let (kind, wire) = types_of(r.get(2), r.get(3));
         columns.push(Column {
             name: r.get(0),
             sql_type: r.get(1),
-            kind: kind_of(r.get::<_, &str>(2), r.get::<_, &str>(3)),
-            wire: Wire::of(r.get::<_, &str>(2)),
+            kind,
+            wire,
             not_null: r.get(4),
             has_default: r.get(5),
             generated: r.get(6),
