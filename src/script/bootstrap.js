@@ -319,7 +319,9 @@
     // index a small integer, which takes the fast array path.
     let o = 0;
     let held;
-    let shape, del, table, nanos, logical, nk;
+    // f: the row shape's maker (null: the document travels whole);
+    // width: how many entries of `a` the document takes.
+    let shape, del, table, nanos, logical, nk, f, width;
     while (o < a.length) {
       // -2: the same header as the previous row.
       if (a[o] === -2) o += 1;
@@ -331,6 +333,8 @@
         nanos = times[ti];
         logical = times[ti + 1];
         nk = a[o + 4] | 0;
+        f = shape >= 0 ? fns[shape] : null;
+        width = shape >= 0 ? shapes[shape].length : 1;
         o += 5;
       }
       let meta;
@@ -341,8 +345,7 @@
         meta = { schema: schema, table: table, nanos: nanos, logical: logical, key: key };
         o += nk;
       }
-      const f = shape >= 0 ? fns[shape] : null;
-      const doc = shape >= 0 ? f.make(a, o) : a[o];
+      const doc = f !== null ? f.make(a, o) : a[o];
       const v = del ? s.deletesTo(doc, meta) : s.dispatch(doc, meta);
       // Holding the previous row's result until this one exists keeps the
       // shapes of the script's own literals alive (see keepShapes).
@@ -372,7 +375,7 @@
         codes.push(-2 - results.length);
         results.push(shape >= 0 ? encodeRouted(v, doc, f.same, a, o) : v);
       }
-      o += shape >= 0 ? shapes[shape].length : 1;
+      o += width;
     }
     return JSON.stringify([tables, codes, results]);
   }

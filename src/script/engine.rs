@@ -716,7 +716,7 @@ struct DispatchOutput(Vec<String>, Vec<i64>, Vec<Value>);
 
 /// The rows `dispatchBatch` receives, as one JSON text `[schema, shapes,
 /// topics, times, flat]`. `shapes` lists property-name lists; `times` holds
-/// the batch's distinct `updated` values as nanos, logical pairs (rows of one
+/// one nanos, logical pair per run of rows sharing `updated` (rows of one
 /// source transaction share one, and a 19-digit number is the slowest thing
 /// `JSON.parse` reads); `flat` holds the rows
 /// one after another as plain values (no array per row, which QuickJS would
