@@ -905,3 +905,48 @@ async fn connections_are_accepted_with_nagle_off() {
         }
     }
 }
+
+/// Conflicting rows of one request that carry different columns (a source
+/// mid-way through ADD COLUMN sends both shapes) each merge on their own
+/// columns: a column a row does not carry is left as stored, and a column
+/// only some rows carry is merged for those rows.
+#[tokio::test]
+async fn conflicts_with_different_columns_merge_on_their_own() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("wide", { cas: ["ts"], merge: api.standardMerge() });"#,
+    );
+    let setup = format!(
+        "{KV_SCHEMA}
+         CREATE TABLE wide (id INT8 PRIMARY KEY, a TEXT, b TEXT, ts INT8);
+         INSERT INTO wide VALUES (1, 'a0', 'b0', 20), (2, 'a0', 'b0', 20),
+                                 (3, 'a0', 'b0', 20), (4, 'a0', 'b0', 20);"
+    );
+    let f = fixture("mixed_cols", &setup, &["--userscript", &path]).await;
+    // Both rows lost on ts (10 < 20). Row 1 carries only a; row 2 carries a
+    // and b. Each changed what its before says was a0/b0: both merge.
+    let body = batch(&[
+        r#"{"after":{"id":1,"a":"a1","ts":10},"before":{"id":1,"a":"a0","ts":5},"key":[1],"topic":"wide","updated":"3.0"}"#.to_string(),
+        r#"{"after":{"id":2,"a":"a2","b":"b2","ts":10},"before":{"id":2,"a":"a0","b":"b0","ts":5},"key":[2],"topic":"wide","updated":"3.0"}"#.to_string(),
+    ]);
+    let (status, text) = f.post("/mixed_cols/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT id, a, b, ts FROM wide WHERE id <= 2 ORDER BY id")
+            .await,
+        vec!["1|a1|b0|20", "2|a2|b2|20"]
+    );
+    // The other order: the wider row first.
+    let body = batch(&[
+        r#"{"after":{"id":3,"a":"a3","b":"b3","ts":10},"before":{"id":3,"a":"a0","b":"b0","ts":5},"key":[3],"topic":"wide","updated":"3.0"}"#.to_string(),
+        r#"{"after":{"id":4,"a":"a4","ts":10},"before":{"id":4,"a":"a0","ts":5},"key":[4],"topic":"wide","updated":"3.0"}"#.to_string(),
+    ]);
+    let (status, text) = f.post("/mixed_cols/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT id, a, b, ts FROM wide WHERE id > 2 ORDER BY id")
+            .await,
+        vec!["3|a3|b3|20", "4|a4|b0|20"]
+    );
+    assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
+}

@@ -310,7 +310,9 @@ impl Receiver {
             .enumerate()
             .map(|(i, m)| (i, m.after.as_ref().expect("upserts have after")))
             .collect();
-        let mut losers: Vec<usize> = Vec::new();
+        // Rows that lost, with the columns their batch wrote: rows that carry
+        // different columns merge on their own columns.
+        let mut losers: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
         for batch in apply::prepare(schema, &docs, &rules)? {
             for &c in &cas {
                 if !batch.columns.contains(&c) {
@@ -322,7 +324,9 @@ impl Receiver {
             }
             let done = apply::upsert(tx, schema, &batch, &cas, &rules).await?;
             stats.upserts += done.written;
-            losers.extend(done.losers);
+            if !done.losers.is_empty() {
+                losers.push((batch.columns.clone(), done.losers));
+            }
         }
         for m in &upserts {
             stats.ages.push((now - m.updated.nanos).max(0) as f64 / 1e9);
@@ -367,30 +371,34 @@ impl Receiver {
             }
         }
 
-        if !losers.is_empty() {
-            let muts: Vec<&Mutation> = losers.iter().map(|&i| upserts[i]).collect();
-            self.resolve_conflicts(tx, schema, cfg, &rules, &muts, stats)
+        for (columns, lost) in losers {
+            let muts = lost.iter().map(|&i| upserts[i]).collect();
+            self.resolve_conflicts(tx, schema, cfg, &rules, Lost { columns, muts }, stats)
                 .await?;
         }
         if !delete_conflicts.is_empty() {
             delete_conflicts.sort_unstable();
-            let muts: Vec<&Mutation> = delete_conflicts.iter().map(|&i| del_muts[i]).collect();
-            self.resolve_conflicts(tx, schema, cfg, &rules, &muts, stats)
+            let muts = delete_conflicts.iter().map(|&i| del_muts[i]).collect();
+            let columns = writable_columns(schema);
+            self.resolve_conflicts(tx, schema, cfg, &rules, Lost { columns, muts }, stats)
                 .await?;
         }
         Ok(())
     }
 
-    /// Takes rows that lost compare-and-set through the table's merge.
+    /// Takes rows that lost compare-and-set through the table's merge,
+    /// comparing them on the columns they were written with.
     async fn resolve_conflicts(
         &self,
         tx: &Transaction<'_>,
         schema: &TableSchema,
         cfg: &TableConfig,
         rules: &WriteRules,
-        muts: &[&Mutation],
+        lost: Lost<'_>,
         stats: &mut TableStats,
     ) -> Result<(), ReceiveError> {
+        let Lost { columns, muts } = lost;
+        let columns = &columns[..];
         let keys: Vec<(usize, Vec<Value>)> = muts
             .iter()
             .enumerate()
@@ -403,20 +411,7 @@ impl Receiver {
             .map(|(i, m)| (i, m.after.as_ref()))
             .collect();
         let is_delete = muts.iter().all(|m| m.is_delete());
-        let columns: Vec<usize> = if is_delete {
-            writable_columns(schema)
-        } else {
-            // The columns the proposed rows carry (a batch shares one set).
-            let docs: Vec<(usize, &Document)> = proposed_docs
-                .iter()
-                .filter_map(|(i, d)| d.map(|d| (*i, d)))
-                .collect();
-            apply::prepare(schema, &docs, rules)?
-                .first()
-                .map(|b| b.columns.clone())
-                .unwrap_or_default()
-        };
-        let (proposed, _) = batch_for_columns(schema, &proposed_docs, &columns)?;
+        let (proposed, _) = batch_for_columns(schema, &proposed_docs, columns)?;
         let before_docs: Vec<(usize, Option<&Document>)> = muts
             .iter()
             .enumerate()
@@ -554,6 +549,14 @@ impl Receiver {
         .await?;
         Ok(())
     }
+}
+
+/// Rows that lost compare-and-set (or deletes that found a newer row), with
+/// the columns they were written with: rows of one request may carry
+/// different columns, and each merges on its own.
+struct Lost<'m> {
+    columns: Vec<usize>,
+    muts: Vec<&'m Mutation>,
 }
 
 fn schema_may_be_stale(e: &ReceiveError) -> bool {
