@@ -227,11 +227,9 @@
     }
     return kept;
   }
-  // Held by `reg` (which the entry points use), so they live as long as the runtime.
-  reg.metaShapes = [
-    keepShapes(["schema", "table", "nanos", "logical"]),
-    keepShapes(["schema", "table", "nanos", "logical", "key"]),
-  ];
+  // Held by `reg` (which the entry points use), so they live as long as the
+  // runtime. The prefixes cover the meta of rows without a key too.
+  reg.metaShapes = keepShapes(["schema", "table", "nanos", "logical", "key"]);
   function maker(cols) {
     const id = JSON.stringify(cols);
     let f = makers.get(id);

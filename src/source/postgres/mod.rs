@@ -701,14 +701,24 @@ async fn source_session(conn: &str) -> Result<tokio_postgres::Client> {
             tracing::debug!("source connection closed: {e}");
         }
     });
-    db.batch_execute(
-        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; \
-         SET extra_float_digits = 3; SET bytea_output = 'hex'; \
-         SET application_name = 'meridian changefeed'",
-    )
-    .await?;
+    let mut set = String::from("SET application_name = 'meridian changefeed';");
+    for (name, value) in OUTPUT_SETTINGS {
+        let _ = write!(set, " SET {name} = '{value}';");
+    }
+    db.batch_execute(&set).await?;
     Ok(db)
 }
+
+/// The settings under which the source prints values the way the wire
+/// format wants them (UTC ISO timestamps, floats that read back exactly, hex
+/// bytea): the scan's session and the replication connection both use them.
+const OUTPUT_SETTINGS: [(&str, &str); 5] = [
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO,MDY"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+];
 
 async fn table_exists(db: &tokio_postgres::Client, table: &str) -> Result<bool> {
     Ok(db
@@ -1056,8 +1066,11 @@ impl Feed {
         .with_wakeup_interval(Duration::from_secs(5))
         .with_application_name("meridian changefeed")
         .with_options(
-            "-c TimeZone=UTC -c DateStyle=ISO,MDY -c IntervalStyle=postgres \
-             -c extra_float_digits=3 -c bytea_output=hex",
+            OUTPUT_SETTINGS
+                .iter()
+                .map(|(name, value)| format!("-c {name}={value}"))
+                .collect::<Vec<_>>()
+                .join(" "),
         );
         rc.buffer_events = 16 * 1024;
         Ok(rc)
