@@ -1111,3 +1111,54 @@ async fn setup_sql_stamps_local_writes_only() {
         .await
         .unwrap();
 }
+
+/// An UPDATE that changes the primary key goes out as CockroachDB sends it:
+/// a delete of the old key (with the old row as `before`) and an insert of
+/// the new key (`before: null`), so the receiver does not keep the old row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_changing_update_is_a_delete_and_an_insert() {
+    let (url, db) = kv_db("cf_pk_change").await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = "cf_pk_change".into();
+    o.initial_scan = false;
+    let feed = start(o);
+    wait_slot(&db, "cf_pk_change").await;
+    db.batch_execute(
+        "INSERT INTO kv (k, v, by) VALUES (1, 'one', decode(repeat('ab', 100000), 'hex'))",
+    )
+    .await
+    .unwrap();
+    // The large bytea stays out of line and unchanged: pgoutput does not
+    // resend it, and the insert of the new key must still carry it.
+    db.batch_execute("UPDATE kv SET k = 2 WHERE k = 1")
+        .await
+        .unwrap();
+    db.batch_execute("UPDATE kv SET v = 'two' WHERE k = 2")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(4).await;
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    let (del, ins) = (&rows[1], &rows[2]);
+    assert_eq!(del["key"], json!([1]));
+    assert_eq!(del["after"], Value::Null);
+    assert_eq!(del["before"]["k"], json!(1));
+    assert_eq!(del["before"]["v"], json!("one"));
+    assert_eq!(ins["key"], json!([2]));
+    assert_eq!(ins["before"], Value::Null);
+    assert_eq!(ins["after"]["k"], json!(2));
+    assert_eq!(ins["after"]["v"], json!("one"));
+    let by = ins["after"]["by"]
+        .as_str()
+        .expect("the unchanged bytea is sent");
+    assert_eq!(by.len(), 2 + 200_000);
+    assert_eq!(
+        del["updated"], ins["updated"],
+        "one transaction, one updated"
+    );
+    // An update that keeps the key stays one event.
+    assert_eq!(rows[3]["key"], json!([2]));
+    assert_eq!(rows[3]["before"]["v"], json!("one"));
+    assert_eq!(rows[3]["after"]["v"], json!("two"));
+    feed.stop().await;
+}

@@ -1386,14 +1386,21 @@ impl Feed {
             }
             Message::Update { relid, old, new } => {
                 if let Some(t) = st.cur.as_mut() {
-                    self.write_row(
-                        t,
-                        relid,
-                        old.as_deref(),
-                        Some(&new),
-                        &st.updated,
-                        &mut st.scratch,
-                    );
+                    match old.as_deref() {
+                        // CockroachDB sends a primary key change as a delete
+                        // of the old key and an insert of the new one: as one
+                        // event, the receiver would keep the old row for ever.
+                        Some(old) if self.key_changed(relid, old, &new) => {
+                            let (u, scratch) = (&st.updated, &mut st.scratch);
+                            self.write_row(t, relid, Some(old), None, u, scratch);
+                            let new = with_unchanged_from(&new, old);
+                            self.write_row(t, relid, None, Some(&new), u, scratch);
+                        }
+                        old => {
+                            let (u, scratch) = (&st.updated, &mut st.scratch);
+                            self.write_row(t, relid, old, Some(&new), u, scratch);
+                        }
+                    }
                 }
             }
             Message::Delete { relid, old } => {
@@ -1422,6 +1429,18 @@ impl Feed {
             .filter(|d| !d.is_zero())
             .is_some_and(|d| self.last_resolved_at.elapsed() >= d)
             && self.floor.max(self.reached.unwrap_or_default()) > self.last_resolved
+    }
+
+    /// Whether an update moved its row to another primary key. An unchanged
+    /// TOASTed value was not changed, key or not.
+    fn key_changed(&self, relid: u32, old: &[Datum], new: &[Datum]) -> bool {
+        self.rels.get(&relid).is_some_and(|rel| {
+            rel.table.is_some()
+                && rel.key_idx.iter().any(|&i| match new.get(i) {
+                    None | Some(Datum::Unchanged) => false,
+                    n => n != old.get(i),
+                })
+        })
     }
 
     /// Writes one row's payload entry into its transaction.
@@ -1756,6 +1775,18 @@ impl Feed {
         self.last_probe_at = Instant::now();
         Ok(())
     }
+}
+
+/// An updated row with its unchanged TOASTed values (which pgoutput does not
+/// resend) taken from the old row.
+fn with_unchanged_from<'a>(new: &[Datum<'a>], old: &[Datum<'a>]) -> Vec<Datum<'a>> {
+    new.iter()
+        .enumerate()
+        .map(|(i, d)| match d {
+            Datum::Unchanged => old.get(i).cloned().unwrap_or(Datum::Unchanged),
+            d => d.clone(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
