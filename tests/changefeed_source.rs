@@ -1162,3 +1162,108 @@ async fn key_changing_update_is_a_delete_and_an_insert() {
     assert_eq!(rows[3]["after"]["v"], json!("two"));
     feed.stop().await;
 }
+
+/// A partitioned table replicates under its own name: pgoutput reports its
+/// rows under the partition they live in unless the publication publishes
+/// through the root. Every partition needs the whole old row too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_stream_through_their_root() {
+    let url = pgcluster::shared()
+        .unwrap()
+        .fresh_database("cf_parts")
+        .await
+        .unwrap();
+    let db = connect(&url).await;
+    db.batch_execute(
+        "CREATE TABLE pt (k INT8 PRIMARY KEY, v TEXT) PARTITION BY RANGE (k);
+         CREATE TABLE pt_low PARTITION OF pt FOR VALUES FROM (0) TO (100);
+         CREATE TABLE pt_high PARTITION OF pt FOR VALUES FROM (100) TO (200);
+         ALTER TABLE pt REPLICA IDENTITY FULL; ALTER TABLE pt_low REPLICA IDENTITY FULL;
+         INSERT INTO pt VALUES (1, 'scanned');",
+    )
+    .await
+    .unwrap();
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["pt"], &sink);
+    o.name = "cf_parts".into();
+    let (_tx, rx) = watch::channel(false);
+    let err = run_changefeed(o.clone(), ChangefeedMetrics::new(), rx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(r#"ALTER TABLE "public"."pt_high" REPLICA IDENTITY FULL"#),
+        "{err}"
+    );
+    db.batch_execute("ALTER TABLE pt_high REPLICA IDENTITY FULL")
+        .await
+        .unwrap();
+
+    let feed = start(o);
+    wait_slot(&db, "cf_parts").await;
+    sink.wait_rows(1).await;
+    db.batch_execute(
+        "INSERT INTO pt VALUES (150, 'streamed'); UPDATE pt SET v = 'moved' WHERE k = 1;",
+    )
+    .await
+    .unwrap();
+    let rows = sink.wait_rows(3).await;
+    assert_eq!(rows[1]["topic"], json!("pt"));
+    assert_eq!(rows[1]["key"], json!([150]));
+    assert_eq!(rows[2]["topic"], json!("pt"));
+    assert_eq!(rows[2]["before"]["v"], json!("scanned"));
+    assert_eq!(rows[2]["after"]["v"], json!("moved"));
+    feed.stop().await;
+}
+
+/// setup.sql enables a partitioned table as a whole: every partition keeps
+/// the whole old row, local writes into any partition are stamped, and the
+/// default changefeed streams it under the table's own name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_sql_enables_partitioned_tables() {
+    let url = pgcluster::shared()
+        .unwrap()
+        .fresh_database("cf_setup_parts")
+        .await
+        .unwrap();
+    let db = connect(&url).await;
+    db.batch_execute(
+        "CREATE TABLE pt (k INT8 PRIMARY KEY, v TEXT) PARTITION BY RANGE (k);
+         CREATE TABLE pt_low PARTITION OF pt FOR VALUES FROM (0) TO (100);
+         CREATE TABLE pt_high PARTITION OF pt FOR VALUES FROM (100) TO (200);",
+    )
+    .await
+    .unwrap();
+    psql_setup(&url, "east");
+    db.batch_execute("SELECT meridian_enable('pt', meridian_region())")
+        .await
+        .unwrap();
+    let idents: Vec<String> = db
+        .query(
+            "SELECT relname || '=' || relreplident::text FROM pg_class \
+             WHERE relname IN ('pt', 'pt_low', 'pt_high') ORDER BY relname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(idents, ["pt=f", "pt_high=f", "pt_low=f"]);
+
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["pt"], &sink);
+    o.initial_scan = false;
+    // setup.sql's publication; slots are per cluster, so a name of its own.
+    o.publication = Some("meridian".into());
+    o.slot = Some("cf_setup_parts".into());
+    let feed = start(o);
+    wait_slot(&db, "cf_setup_parts").await;
+    db.batch_execute("INSERT INTO pt (k, v) VALUES (150, 'local')")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(1).await;
+    assert_eq!(rows[0]["topic"], json!("pt"));
+    assert_eq!(rows[0]["after"]["_source"], json!("east"));
+    feed.stop().await;
+}

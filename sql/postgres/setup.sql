@@ -21,7 +21,8 @@
 --   * meridian_enable(tbl regclass, region text, margin interval DEFAULT '1s'):
 --     adds _source text and _timestamp timestamptz when absent (and sets
 --     their defaults to the stamp, so plain inserts need no trigger call), sets REPLICA
---     IDENTITY FULL (the changefeed sends the old row as "before"), adds the
+--     IDENTITY FULL on the table and its partitions (the changefeed sends
+--     the old row as "before"), adds the
 --     table to the publication `meridian` (created when absent; it is the
 --     default publication of `meridian changefeed`, whose --name defaults to
 --     meridian), and (re)installs the trigger `meridian_stamp` on the table.
@@ -71,6 +72,8 @@ $$;
 CREATE OR REPLACE FUNCTION meridian_enable(tbl regclass, region text, margin interval DEFAULT '1s')
 RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+  part regclass;
 BEGIN
   IF region IS NULL OR region = '' THEN
     RAISE EXCEPTION 'meridian_enable(%): region must not be empty', tbl;
@@ -88,9 +91,16 @@ BEGIN
   EXECUTE format('ALTER TABLE %s ALTER COLUMN _source SET DEFAULT %L, '
                  'ALTER COLUMN _timestamp SET DEFAULT now() + %L::interval', tbl, region, margin);
   EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
+  -- A partitioned table's rows live in its partitions, and each has its own
+  -- replica identity (partitions attached later need the same).
+  FOR part IN SELECT relid FROM pg_partition_tree(tbl) WHERE isleaf AND relid <> tbl LOOP
+    EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', part);
+  END LOOP;
 
+  -- Through partition roots: otherwise a partitioned table's changes come
+  -- under the name of the partition they live in.
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'meridian') THEN
-    CREATE PUBLICATION meridian;
+    CREATE PUBLICATION meridian WITH (publish_via_partition_root = true);
   END IF;
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'meridian' AND puballtables)
      AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr

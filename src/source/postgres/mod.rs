@@ -878,7 +878,7 @@ impl Feed {
             }
             let row = db
                 .query_opt(
-                    "SELECT c.oid, c.relreplident::text FROM pg_class c \
+                    "SELECT c.oid, c.relreplident::text, c.relkind = 'p' FROM pg_class c \
                      JOIN pg_namespace n ON n.oid = c.relnamespace \
                      WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
                     &[&schema, &table],
@@ -892,23 +892,48 @@ impl Feed {
             };
             let oid: u32 = row.get(0);
             let ident: String = row.get(1);
+            let partitioned: bool = row.get(2);
             let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
-            if ident != "f" {
-                let what = match ident.as_str() {
+            // A partitioned table's rows live in its partitions: each one
+            // keeps (or not) the whole old row.
+            let mut identities = vec![(spec.clone(), qualified.clone(), ident)];
+            if partitioned {
+                for r in db
+                    .query(
+                        "SELECT n.nspname::text, c.relname::text, c.relreplident::text \
+                         FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.isleaf ORDER BY 1, 2",
+                        &[&oid],
+                    )
+                    .await?
+                {
+                    let name = format!(
+                        "{}.{}",
+                        quote_ident(&r.get::<_, String>(0)),
+                        quote_ident(&r.get::<_, String>(1))
+                    );
+                    identities.push((format!("{spec}'s partition {name}"), name, r.get(2)));
+                }
+            }
+            for (what, name, ident) in identities {
+                if ident == "f" {
+                    continue;
+                }
+                let has = match ident.as_str() {
                     "d" => "DEFAULT",
                     "n" => "NOTHING",
                     "i" => "USING INDEX",
                     _ => "not FULL",
                 };
                 problems.push(format!(
-                    "table {spec} has REPLICA IDENTITY {what}, but the changefeed needs the whole old row \
-                     for \"before\". Fix: run  ALTER TABLE {qualified} REPLICA IDENTITY FULL;  \
+                    "table {what} has REPLICA IDENTITY {has}, but the changefeed needs the whole old row \
+                     for \"before\". Fix: run  ALTER TABLE {name} REPLICA IDENTITY FULL;  \
                      (or SELECT meridian_enable('{qualified}', '<region>'); from sql/postgres/setup.sql)"
                 ));
             }
             self.wanted.insert((schema.clone(), table.clone()));
             self.pk_cache.remove(&oid);
-            found.push((schema, table, qualified));
+            found.push((schema, table, qualified, partitioned));
         }
         if !problems.is_empty() {
             bail!(
@@ -917,19 +942,35 @@ impl Feed {
             );
         }
 
-        // Publication: create it, or add the tables it lacks.
+        // Publication: create it, or add the tables it lacks. It publishes
+        // through partition roots: otherwise pgoutput names the partition a
+        // row lives in, which is not a table of the feed.
         let pub_row = db
             .query_opt(
-                "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+                "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1",
                 &[&self.publication],
             )
             .await?;
         let qpub = quote_ident(&self.publication);
+        if let Some(r) = &pub_row {
+            if !r.get::<_, bool>(1) && found.iter().any(|f| f.3) {
+                db.batch_execute(&format!(
+                    "ALTER PUBLICATION {qpub} SET (publish_via_partition_root = true)"
+                ))
+                .await
+                .with_context(|| {
+                    format!("making publication {qpub} publish through partition roots")
+                })?;
+                tracing::info!(
+                    "publication {qpub} now publishes partitioned tables through their root"
+                );
+            }
+        }
         match pub_row {
             None => {
                 let list: Vec<&str> = found.iter().map(|f| f.2.as_str()).collect();
                 db.batch_execute(&format!(
-                    "CREATE PUBLICATION {qpub} FOR TABLE {}",
+                    "CREATE PUBLICATION {qpub} FOR TABLE {} WITH (publish_via_partition_root = true)",
                     list.join(", ")
                 ))
                 .await
@@ -946,7 +987,7 @@ impl Feed {
                     .await?;
                 let have: HashSet<(String, String)> =
                     rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-                for (schema, table, qualified) in &found {
+                for (schema, table, qualified, _) in &found {
                     if !have.contains(&(schema.clone(), table.clone())) {
                         db.batch_execute(&format!(
                             "ALTER PUBLICATION {qpub} ADD TABLE {qualified}"
