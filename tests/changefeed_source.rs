@@ -1267,3 +1267,99 @@ async fn setup_sql_enables_partitioned_tables() {
     assert_eq!(rows[0]["after"]["_source"], json!("east"));
     feed.stop().await;
 }
+
+/// After the source crashes, the slot resumes from the confirmed position it
+/// last wrote to disk, which can be older than the one it reported. The
+/// floor there must still be known: re-sent transactions keep the `updated`
+/// they had, even those committed while the initial scan began (stamped
+/// above the scan, not by their commit time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resent_rows_keep_their_updated_after_a_source_crash() {
+    let mut cluster = pgcluster::PgCluster::start_temp().unwrap();
+    let url = cluster.create_database("kv").await.unwrap();
+    let db = connect(&url).await;
+    db.batch_execute(
+        "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT); ALTER TABLE kv REPLICA IDENTITY FULL; \
+         INSERT INTO kv SELECT g, 'scanned' FROM generate_series(1, 10) g",
+    )
+    .await
+    .unwrap();
+    // One-row transactions commit while the slot and the scan begin.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let db = connect(&url).await;
+            let mut k = 1000i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                db.execute("INSERT INTO kv (k, v) VALUES ($1, 'w')", &[&k])
+                    .await
+                    .unwrap();
+                k += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sink = TestSink::start().await;
+    let feed = start(options(&url, &["kv.public.kv"], &sink));
+    wait_slot(&db, "meridian").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let total: i64 = db
+        .query_one("SELECT count(*) FROM kv", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let distinct = |s: &TestSink| {
+        let mut k = ks(&s.rows());
+        k.sort();
+        k.dedup();
+        k.len()
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            distinct(&sink) >= total as usize
+        })
+        .await
+    );
+    // Time for the last acknowledgements and the floors' pruning.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let first: std::collections::HashMap<i64, Value> = sink
+        .rows()
+        .iter()
+        .map(|r| (r["key"][0].as_i64().unwrap(), r["updated"].clone()))
+        .collect();
+    sink.state.lock().unwrap().accepted.clear();
+
+    drop(db);
+    cluster.kill().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart().unwrap();
+    let db = connect(&url).await;
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'marker')")
+        .await
+        .unwrap_err(); // k = 1 exists: nothing new, only a failed insert
+    db.batch_execute("INSERT INTO kv (k, v) VALUES (999999, 'after the crash')")
+        .await
+        .unwrap();
+    let rows = sink.wait_rows(1).await;
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            ks(&sink.rows()).contains(&999999)
+        })
+        .await,
+        "the change after the crash arrives"
+    );
+    let _ = rows;
+    let mut resent = 0;
+    for r in sink.rows() {
+        let k = r["key"][0].as_i64().unwrap();
+        if let Some(u) = first.get(&k) {
+            resent += 1;
+            assert_eq!(&r["updated"], u, "row {k} was re-sent with another updated");
+        }
+    }
+    eprintln!("{resent} rows re-sent after the crash");
+    feed.stop().await;
+}

@@ -11,7 +11,7 @@
 //! new position, the floor at that position is written to
 //! `public.meridian_changefeed_floors`; a connect reads the row for the
 //! slot's confirmed position back. Rows are written only when the floor
-//! moved, and rows older than the slot's position are pruned.
+//! moved, and rows older than the slot's restart position are pruned.
 
 use anyhow::{Context, Result};
 
@@ -103,7 +103,10 @@ impl Feed {
     }
 
     /// Deletes the floors below the newest one at or before the slot's
-    /// confirmed position (the one a restart would read).
+    /// restart position. Not its confirmed position: PostgreSQL writes that
+    /// to disk only at a checkpoint (or with a new restart position), so after
+    /// a crash the slot resumes from an older confirmed position, never below
+    /// the restart position, and a restart must still find the floor there.
     pub(super) async fn prune_floors(&mut self, db: &tokio_postgres::Client) -> Result<()> {
         if !std::mem::take(&mut self.floors_to_prune) {
             return Ok(());
@@ -112,7 +115,7 @@ impl Feed {
             &format!(
                 "DELETE FROM {FLOORS} WHERE slot_name = $1 AND lsn < ( \
                  SELECT max(f.lsn) FROM {FLOORS} f JOIN pg_replication_slots s ON s.slot_name = f.slot_name \
-                 WHERE f.slot_name = $1 AND f.lsn <= s.confirmed_flush_lsn)"
+                 WHERE f.slot_name = $1 AND f.lsn <= s.restart_lsn)"
             ),
             &[&self.slot],
         )
