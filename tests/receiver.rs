@@ -950,3 +950,95 @@ async fn conflicts_with_different_columns_merge_on_their_own() {
     );
     assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
 }
+
+/// A delete routed by a `deletesTo` function removes the row the returned
+/// document names, not the one the source's key would name; a delete whose
+/// row never existed at the source (`before: null`) stays a no-op, and does
+/// not fold away an older version of its key.
+#[tokio::test]
+async fn deletes_routed_by_a_function_use_the_returned_key() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureSource("del_fn.public", {
+          dispatch: (doc: any) => ({ b: [{ b_id: "a-" + doc.id, v: doc.v }] }),
+          deletesTo: (doc: any) => ({ b: [{ b_id: "a-" + doc.id }] }),
+        });"#,
+    );
+    let setup = format!(
+        "{KV_SCHEMA} CREATE TABLE b (b_id TEXT PRIMARY KEY, v TEXT);
+         INSERT INTO b VALUES ('a-1', 'replicated'), ('1', 'local'), ('a-3', 'kept');"
+    );
+    let f = fixture("del_fn", &setup, &["--userscript", &path]).await;
+    let body = batch(&[
+        r#"{"after":null,"before":{"id":1,"v":"replicated"},"key":[1],"topic":"a","updated":"3.0"}"#.to_string(),
+        r#"{"after":null,"before":null,"key":[3],"topic":"a","updated":"3.0"}"#.to_string(),
+        // Row 4: an upsert, then a delete of a row the source never had.
+        r#"{"after":{"id":4,"v":"four"},"before":null,"key":[4],"topic":"a","updated":"4.0"}"#.to_string(),
+        r#"{"after":null,"before":null,"key":[4],"topic":"a","updated":"5.0"}"#.to_string(),
+    ]);
+    let (status, text) = f.post("/del_fn/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT b_id, v FROM b ORDER BY b_id").await,
+        vec!["1|local", "a-3|kept", "a-4|four"]
+    );
+}
+
+/// A `before: null` delete shown to a `deletesTo` function and routed as
+/// shown is dropped, not applied.
+#[tokio::test]
+async fn deletes_of_rows_the_source_never_had_are_dropped_through_scripts() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureSource("del_null.public", {
+          dispatch: (doc: any) => ({ kv: [doc] }),
+          deletesTo: (doc: any) => ({ kv: [doc] }),
+        });"#,
+    );
+    let f = fixture("del_null", KV_SCHEMA, &["--userscript", &path]).await;
+    seed_row(&f, 3, "cc", "west", T1).await;
+    let body = batch(&[
+        r#"{"after":null,"before":null,"key":[3],"topic":"kv","updated":"3.0"}"#.to_string(),
+    ]);
+    let (status, text) = f.post("/del_null/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT k FROM kv").await, vec!["3"]);
+}
+
+/// A statement of an `apply` script that fails aborts the transaction even
+/// when the script catches the error: the request fails and nothing is
+/// applied (PostgreSQL answers such a COMMIT with a rollback).
+#[tokio::test]
+async fn a_caught_statement_error_in_apply_fails_the_request() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("kv", {
+          apply: async (ops: any) => {
+            const tx = api.getTX();
+            await tx.apply(ops);
+            try { await tx.exec("INSERT INTO audit (n) VALUES (1/0)"); } catch (e) { console.log("audit failed"); }
+          },
+        });
+        api.configureTable("big", {
+          apply: async (ops: any) => { await api.getTX().exec("INSERT INTO audit (n) VALUES ($1)", 3000000000); },
+        });"#,
+    );
+    let setup =
+        format!("{KV_SCHEMA} CREATE TABLE audit (n INT4); CREATE TABLE big (k INT8 PRIMARY KEY);");
+    let f = fixture("caught", &setup, &["--userscript", &path]).await;
+    let (status, text) = f
+        .post(
+            "/caught/public",
+            batch(&[kv_row(1, "AQ==", "east", T1, None, "1.0")]),
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("division by zero"), "{text}");
+    assert_eq!(f.count("SELECT count(*) FROM kv").await, 0);
+    // An integer too large for an int4 parameter is an error, not a wrap.
+    let row = r#"{"after":{"k":1},"key":[1],"topic":"big","updated":"1.0"}"#;
+    let (status, text) = f.post("/caught/public", batch(&[row.to_string()])).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("3000000000"), "{text}");
+    assert_eq!(f.count("SELECT count(*) FROM audit").await, 0);
+}

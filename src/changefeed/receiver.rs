@@ -272,8 +272,16 @@ impl Receiver {
                     cfg: &cfg,
                     updated,
                     stats: &mut stats,
+                    aborted: None,
                 };
-                self.script.apply(name, ops, &mut bridge).await?;
+                let run = self.script.apply(name, ops, &mut bridge).await;
+                // A failed statement aborted the transaction, whether or not
+                // the script caught it: COMMIT would roll back and answer as
+                // if it had worked. The database's error decides the status.
+                if let Some(e) = bridge.aborted {
+                    return Err(e);
+                }
+                run?;
                 self.metrics
                     .script_duration
                     .with_label_values(&["apply"])
@@ -618,6 +626,12 @@ fn fold_duplicates<'m>(
     let mut index: foldhash::HashMap<KeyRef<'m>, usize> = HashMapExt::with_capacity(muts.len());
     let mut out: Vec<&Mutation> = Vec::with_capacity(muts.len());
     for m in muts {
+        // A delete of a row that never existed at the source changes nothing
+        // (apply drops it); it must not fold away an older version of its key.
+        if m.is_delete() && m.before == Before::Null {
+            out.push(m);
+            continue;
+        }
         let key = key_ref(schema, m)?;
         match index.get(&key) {
             Some(&i) if out[i].updated > m.updated => {}
@@ -814,31 +828,47 @@ struct TxBridge<'a, 't> {
     cfg: &'a TableConfig,
     updated: Hlc,
     stats: &'a mut TableStats,
+    /// The first error that aborted the transaction.
+    aborted: Option<ReceiveError>,
+}
+
+impl TxBridge<'_, '_> {
+    /// The script sees the message; the request fails with the error.
+    fn abort(&mut self, e: tokio_postgres::Error) -> String {
+        let message = db_message(&e);
+        self.aborted.get_or_insert(TargetError::db(e).into());
+        message
+    }
 }
 
 #[async_trait::async_trait]
 impl ScriptTx for TxBridge<'_, '_> {
     async fn exec(&mut self, sql: &str, args: Vec<Value>) -> Result<u64, String> {
-        let stmt = self.tx.prepare(sql).await.map_err(|e| db_message(&e))?;
+        let stmt = match self.tx.prepare(sql).await {
+            Ok(s) => s,
+            Err(e) => return Err(self.abort(e)),
+        };
         let params = bind_args(stmt.params(), &args)?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             params.iter().map(|p| p.as_ref() as _).collect();
-        self.tx
-            .execute(&stmt, &refs)
-            .await
-            .map_err(|e| db_message(&e))
+        match self.tx.execute(&stmt, &refs).await {
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.abort(e)),
+        }
     }
 
     async fn query(&mut self, sql: &str, args: Vec<Value>) -> Result<Vec<Vec<Value>>, String> {
-        let stmt = self.tx.prepare(sql).await.map_err(|e| db_message(&e))?;
+        let stmt = match self.tx.prepare(sql).await {
+            Ok(s) => s,
+            Err(e) => return Err(self.abort(e)),
+        };
         let params = bind_args(stmt.params(), &args)?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             params.iter().map(|p| p.as_ref() as _).collect();
-        let rows = self
-            .tx
-            .query(&stmt, &refs)
-            .await
-            .map_err(|e| db_message(&e))?;
+        let rows = match self.tx.query(&stmt, &refs).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.abort(e)),
+        };
         rows.iter().map(row_to_json).collect()
     }
 
@@ -864,10 +894,16 @@ impl ScriptTx for TxBridge<'_, '_> {
             .collect();
         let muts =
             fold_duplicates(&self.schema, muts.iter().collect()).map_err(|e| e.to_string())?;
-        self.receiver
+        let done = self
+            .receiver
             .apply_standard(self.tx, &self.schema, self.cfg, muts, self.stats)
-            .await
-            .map_err(|e| e.to_string())
+            .await;
+        // Part of the rows may be written: the request cannot go on.
+        done.map_err(|e| {
+            let message = e.to_string();
+            self.aborted.get_or_insert(e);
+            message
+        })
     }
 
     fn columns(&self) -> Vec<ColumnInfo> {
@@ -918,8 +954,16 @@ fn bind_args(types: &[tokio_postgres::types::Type], args: &[Value]) -> Result<Ve
         .map(|(i, (t, v))| {
             let bad = || format!("argument {} ({v}) does not fit parameter type {t}; cast the parameter, e.g. ${}::text", i + 1, i + 1);
             let p: Param = match *t {
-                Type::INT2 => Box::new(v.as_i64().map(|x| x as i16).ok_or_else(bad)?),
-                Type::INT4 => Box::new(v.as_i64().map(|x| x as i32).ok_or_else(bad)?),
+                Type::INT2 => Box::new(
+                    v.as_i64()
+                        .and_then(|x| i16::try_from(x).ok())
+                        .ok_or_else(bad)?,
+                ),
+                Type::INT4 => Box::new(
+                    v.as_i64()
+                        .and_then(|x| i32::try_from(x).ok())
+                        .ok_or_else(bad)?,
+                ),
                 Type::INT8 => Box::new(v.as_i64().ok_or_else(bad)?),
                 Type::FLOAT4 => Box::new(v.as_f64().map(|x| x as f32).ok_or_else(bad)?),
                 Type::FLOAT8 => Box::new(v.as_f64().ok_or_else(bad)?),

@@ -277,7 +277,9 @@ impl Engine {
                     let mut mutation = m;
                     // A delete the script routed as shown: the document it
                     // saw ({} when the source sent no `before`) names the row.
-                    if mutation.after.is_none() && mutation.before.row().is_none() {
+                    // One whose row never existed at the source (`before:
+                    // null`) stays so, and is dropped.
+                    if mutation.after.is_none() && mutation.before == Before::Absent {
                         mutation.before = Before::Row(Map::new());
                     }
                     routed.push(Routed {
@@ -342,11 +344,18 @@ impl Engine {
                 };
                 match doc {
                     Some(doc) if mutation.after.is_some() => mutation.after = Some(doc),
-                    // A delete: the returned document names the row (its key).
-                    Some(doc) => mutation.before = Before::Row(doc),
+                    // A delete whose row never existed at the source stays a
+                    // no-op, wherever it goes.
+                    _ if mutation.after.is_none() && mutation.before == Before::Null => {}
+                    // A delete: the returned document names the row by its
+                    // key; the source's key names a row of another shape.
+                    Some(doc) => {
+                        mutation.before = Before::Row(doc);
+                        mutation.key = None;
+                    }
                     None if mutation.after.is_some() => {}
                     None => {
-                        if mutation.before.row().is_none() {
+                        if mutation.before == Before::Absent {
                             mutation.before = Before::Row(Map::new());
                         }
                     }
