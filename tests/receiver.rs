@@ -516,6 +516,18 @@ async fn schema_change_is_picked_up() {
     let (status, text) = f.post("/schema_change/public", row(r#","b":5"#)).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(f.dump("SELECT id, a, b FROM t").await, vec!["1|x|5"]);
+    // A column that changes type is converted by its new type.
+    f.db.batch_execute("ALTER TABLE t ALTER COLUMN b TYPE jsonb USING to_jsonb(b)")
+        .await
+        .unwrap();
+    let (status, text) = f
+        .post("/schema_change/public", row(r#","b":{"n":6}"#))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        f.dump("SELECT id, a, b FROM t").await,
+        vec![r#"1|x|{"n": 6}"#]
+    );
 }
 
 #[tokio::test]

@@ -569,11 +569,15 @@ struct Lost<'m> {
 
 fn schema_may_be_stale(e: &ReceiveError) -> bool {
     match e {
+        // A value that does not convert may be for a column whose type
+        // changed; a key column may have changed (42P10).
         ReceiveError::Target(TargetError::UnknownColumn { .. })
-        | ReceiveError::Target(TargetError::UnknownTable(_)) => true,
-        ReceiveError::Target(t) => {
-            matches!(t.code(), Some("42703") | Some("42P01") | Some("0A000"))
-        }
+        | ReceiveError::Target(TargetError::UnknownTable(_))
+        | ReceiveError::Target(TargetError::Convert { .. }) => true,
+        ReceiveError::Target(t) => matches!(
+            t.code(),
+            Some("42703") | Some("42P01") | Some("0A000") | Some("42804") | Some("42P10")
+        ),
         _ => false,
     }
 }
