@@ -1054,3 +1054,26 @@ async fn a_caught_statement_error_in_apply_fails_the_request() {
     assert!(text.contains("3000000000"), "{text}");
     assert_eq!(f.count("SELECT count(*) FROM audit").await, 0);
 }
+
+/// A `GENERATED ALWAYS AS IDENTITY` column outside the key takes the
+/// replicated value on insert and is left alone on update (PostgreSQL
+/// refuses to update it), so updates of such rows apply.
+#[tokio::test]
+async fn always_identity_columns_do_not_block_updates() {
+    let f = fixture(
+        "ident_always",
+        "CREATE TABLE t (id INT8 PRIMARY KEY, seq INT8 GENERATED ALWAYS AS IDENTITY, v TEXT)",
+        &[],
+    )
+    .await;
+    let row = |v: &str, updated: &str| {
+        batch(&[format!(
+            r#"{{"after":{{"id":1,"seq":42,"v":"{v}"}},"key":[1],"topic":"t","updated":"{updated}"}}"#
+        )])
+    };
+    let (status, text) = f.post("/ident_always/public", row("one", "1.0")).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = f.post("/ident_always/public", row("two", "2.0")).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT id, seq, v FROM t").await, vec!["1|42|two"]);
+}

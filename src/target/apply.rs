@@ -293,7 +293,10 @@ pub fn upsert_sql(
     let pk: Vec<String> = schema.pk_columns().map(|c| quote_ident(&c.name)).collect();
     let updates: Vec<String> = columns
         .iter()
-        .filter(|&&i| schema.columns[i].pk_position.is_none())
+        .filter(|&&i| {
+            let col = &schema.columns[i];
+            col.pk_position.is_none() && !col.always_identity
+        })
         .map(|&i| {
             let q = quote_ident(&schema.columns[i].name);
             format!("{q} = excluded.{q}")

@@ -473,6 +473,7 @@ mod tests {
             has_default: false,
             generated: false,
             identity: false,
+            always_identity: false,
             pk_position: None,
         }
     }

@@ -42,6 +42,9 @@ pub struct Column {
     pub generated: bool,
     /// An identity column (`GENERATED … AS IDENTITY`).
     pub identity: bool,
+    /// `GENERATED ALWAYS AS IDENTITY`: an insert may set it (OVERRIDING
+    /// SYSTEM VALUE), an update may not.
+    pub always_identity: bool,
     /// Position in the primary key (0-based), if part of it.
     pub pk_position: Option<usize>,
 }
@@ -102,6 +105,7 @@ SELECT a.attname::text,
        a.atthasdef,
        a.attgenerated <> '',
        a.attidentity <> '',
+       a.attidentity = 'a',
        (SELECT k.ord::int4
           FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(att, ord)
          WHERE i.indrelid = c.oid AND i.indisprimary AND k.att = a.attnum)
@@ -127,7 +131,7 @@ pub async fn introspect(
     }
     let mut columns = Vec::with_capacity(rows.len());
     for r in rows {
-        let pk: Option<i32> = r.get(8);
+        let pk: Option<i32> = r.get(9);
         let (kind, wire) = types_of(r.get(2), r.get(3));
         columns.push(Column {
             name: r.get(0),
@@ -138,6 +142,7 @@ pub async fn introspect(
             has_default: r.get(5),
             generated: r.get(6),
             identity: r.get(7),
+            always_identity: r.get(8),
             pk_position: pk.map(|p| p as usize - 1),
         });
     }
