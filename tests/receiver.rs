@@ -1077,3 +1077,23 @@ async fn always_identity_columns_do_not_block_updates() {
     assert_eq!(status, 200, "{text}");
     assert_eq!(f.dump("SELECT id, seq, v FROM t").await, vec!["1|42|two"]);
 }
+
+/// The standard merge compares numbers by value, as PostgreSQL does: a
+/// stored numeric 1.0 equals the 1 the source had, so a change elsewhere in
+/// the row merges.
+#[tokio::test]
+async fn merges_compare_numerics_by_value() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("m", { cas: ["ts"], merge: api.standardMerge() });"#,
+    );
+    let setup = format!(
+        "{KV_SCHEMA} CREATE TABLE m (id INT8 PRIMARY KEY, n NUMERIC, b TEXT, ts INT8);
+         INSERT INTO m VALUES (1, 1.0, 'b0', 20);"
+    );
+    let f = fixture("num_merge", &setup, &["--userscript", &path]).await;
+    let body = batch(&[r#"{"after":{"id":1,"n":1,"b":"b1","ts":10},"before":{"id":1,"n":1,"b":"b0","ts":5},"key":[1],"topic":"m","updated":"3.0"}"#.to_string()]);
+    let (status, text) = f.post("/num_merge/public", body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT n, b, ts FROM m").await, vec!["1.0|b1|20"]);
+}

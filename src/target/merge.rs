@@ -1,6 +1,8 @@
 //! The standard three-way merge (`standardMerge`): reconciles a proposed row
 //! that lost compare-and-set with the stored row, using the source's `before`.
 
+use serde_json::Value;
+
 use crate::changefeed::Document;
 
 /// What the three-way merge made of one conflict.
@@ -37,11 +39,12 @@ pub fn three_way(
             continue;
         }
         let current = stored.get(prop);
-        if current == Some(value) {
+        if current.is_some_and(|c| same(c, value)) {
             continue;
         }
         let base = before.and_then(|b| b.get(prop));
-        if base.is_some() && base == current {
+        let stored_is_base = matches!((base, current), (Some(b), Some(c)) if same(b, c));
+        if stored_is_base {
             merged.insert(prop.clone(), value.clone());
             changed = true;
         } else {
@@ -55,6 +58,46 @@ pub fn three_way(
     } else {
         ThreeWay::Unchanged
     }
+}
+
+/// Equal as PostgreSQL compares the values: numbers by value (numeric
+/// `1.0` equals `1`, as in jsonb), the rest as JSON.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            x == y || canonical_number(&x.to_string()) == canonical_number(&y.to_string())
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// A decimal's sign, significant digits and exponent, so that `1`, `1.0`,
+/// `10e-1` and `0.1e1` come out the same.
+fn canonical_number(text: &str) -> (bool, String, i64) {
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(t) => (true, t),
+        None => (false, text),
+    };
+    let (mantissa, exp) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], text[i + 1..].parse::<i64>().unwrap_or(0)),
+        None => (text, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{int}{frac}");
+    let lead = digits.len() - digits.trim_start_matches('0').len();
+    let digits = digits.trim_start_matches('0').trim_end_matches('0');
+    if digits.is_empty() {
+        return (false, String::new(), 0);
+    }
+    // The exponent of the first significant digit.
+    let first = int.len() as i64 - lead as i64 - 1 + exp;
+    (negative, digits.to_string(), first)
 }
 
 #[cfg(test)]
@@ -101,6 +144,33 @@ mod tests {
         assert_eq!(
             three_way(Some(&before), &proposed, &stored, &cas),
             ThreeWay::Merged(doc(json!({"k":1,"a":2,"ts":20})))
+        );
+    }
+
+    #[test]
+    fn numbers_compare_by_value() {
+        let num = |t: &str| -> Value { serde_json::from_str(t).unwrap() };
+        for (a, b) in [
+            ("1", "1.0"),
+            ("10e-1", "1"),
+            ("0.1e1", "1.00"),
+            ("-0", "0.0"),
+            ("120", "1.2e2"),
+        ] {
+            assert!(same(&num(a), &num(b)), "{a} = {b}");
+        }
+        for (a, b) in [("1", "10"), ("0.1", "1"), ("-1", "1"), ("1.5", "15e-2")] {
+            assert!(!same(&num(a), &num(b)), "{a} != {b}");
+        }
+        // numeric 1.0 stored, 1 proposed and in `before`: only b changed.
+        let before = doc(json!({"k":1,"n":1,"b":"b0"}));
+        let stored = doc(serde_json::from_str(r#"{"k":1,"n":1.0,"b":"b0"}"#).unwrap());
+        let proposed = doc(json!({"k":1,"n":1,"b":"b1"}));
+        assert_eq!(
+            three_way(Some(&before), &proposed, &stored, &[]),
+            ThreeWay::Merged(doc(
+                serde_json::from_str(r#"{"k":1,"n":1.0,"b":"b1"}"#).unwrap()
+            ))
         );
     }
 
