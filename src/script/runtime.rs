@@ -433,6 +433,17 @@ impl Worker {
                 if let Some(p) = v.as_promise() {
                     loop {
                         if let Some(r) = p.result::<String>() {
+                            // Promises the script did not await (an async
+                            // forEach) finish now, in this request's
+                            // transaction: left queued, they would run in the
+                            // next request's, or never.
+                            while ctx.execute_pending_job() {}
+                            if self.state.interrupted.get() {
+                                return Err(rquickjs::Exception::throw_message(
+                                    &ctx,
+                                    "interrupted",
+                                ));
+                            }
                             return r;
                         }
                         if !ctx.execute_pending_job() {
@@ -463,7 +474,6 @@ impl Worker {
         self.level = shown;
         *self.state.tx.borrow_mut() = None;
         self.disarm();
-        // Drain jobs left behind (e.g. promises the script did not await).
         res
     }
 

@@ -795,3 +795,46 @@ api.configureSource("db.s", { dispatch: show, deletesTo: show });
         ]
     );
 }
+
+/// Work an `apply` function starts without awaiting it (an async forEach)
+/// runs within its own call, in its own transaction: none of it is left for
+/// the next call's transaction.
+#[test]
+fn unawaited_async_work_in_apply_finishes_in_its_own_call() {
+    let script = r#"import * as api from "replicator@v1";
+api.configureTable("kv", {
+  apply: async (ops: any[]) => {
+    const tx = api.getTX();
+    ops.forEach(async (op) => {
+      const rows = await tx.query("SELECT v FROM kv WHERE k = $1", op.data.k);
+      await tx.exec("UPDATE stats SET n = n + 1");
+      await tx.exec("UPDATE stats SET m = m + 1");
+      await tx.exec("UPDATE stats SET o = o + 1");
+      if (rows.length) await tx.exec("INSERT INTO audit VALUES ($1)", op.data.v);
+    });
+    await tx.apply(ops);
+  },
+});
+"#;
+    let dir = dir_with(&[("main.ts", script)]);
+    let s = Userscript::load(&dir.path().join("main.ts"), limits()).unwrap();
+    let t = TableName::new("db", "public", "kv");
+    let op = |v: &str| ApplyOp::Upsert {
+        data: json!({"k": 1, "v": v}).as_object().unwrap().clone(),
+        before: None,
+    };
+    let rt = rt();
+    for i in 0..3 {
+        let mut tx = FakeTx::default();
+        let (a, b) = (format!("req{i}a"), format!("req{i}b"));
+        rt.block_on(s.apply(&t, vec![op(&a), op(&b)], &mut tx))
+            .unwrap();
+        let audits: Vec<&String> = tx.log.iter().filter(|l| l.contains("audit")).collect();
+        assert_eq!(audits.len(), 2, "call {i}: {:?}", tx.log);
+        assert!(
+            audits[0].contains(&a) && audits[1].contains(&b),
+            "call {i}: {:?}",
+            tx.log
+        );
+    }
+}
