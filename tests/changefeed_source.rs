@@ -1163,22 +1163,33 @@ async fn key_changing_update_is_a_delete_and_an_insert() {
     feed.stop().await;
 }
 
-/// A partitioned table replicates under its own name: pgoutput reports its
-/// rows under the partition they live in unless the publication publishes
-/// through the root. Every partition needs the whole old row too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partitioned_tables_stream_through_their_root() {
+/// A database with `pt`, range-partitioned into `pt_low` (k < 100) and
+/// `pt_high` (k < 200).
+async fn partitioned_db(name: &str) -> (String, tokio_postgres::Client) {
     let url = pgcluster::shared()
         .unwrap()
-        .fresh_database("cf_parts")
+        .fresh_database(name)
         .await
         .unwrap();
     let db = connect(&url).await;
     db.batch_execute(
         "CREATE TABLE pt (k INT8 PRIMARY KEY, v TEXT) PARTITION BY RANGE (k);
          CREATE TABLE pt_low PARTITION OF pt FOR VALUES FROM (0) TO (100);
-         CREATE TABLE pt_high PARTITION OF pt FOR VALUES FROM (100) TO (200);
-         ALTER TABLE pt REPLICA IDENTITY FULL; ALTER TABLE pt_low REPLICA IDENTITY FULL;
+         CREATE TABLE pt_high PARTITION OF pt FOR VALUES FROM (100) TO (200);",
+    )
+    .await
+    .unwrap();
+    (url, db)
+}
+
+/// A partitioned table replicates under its own name: pgoutput reports its
+/// rows under the partition they live in unless the publication publishes
+/// through the root. Every partition needs the whole old row too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_stream_through_their_root() {
+    let (url, db) = partitioned_db("cf_parts").await;
+    db.batch_execute(
+        "ALTER TABLE pt REPLICA IDENTITY FULL; ALTER TABLE pt_low REPLICA IDENTITY FULL;
          INSERT INTO pt VALUES (1, 'scanned');",
     )
     .await
@@ -1221,19 +1232,7 @@ async fn partitioned_tables_stream_through_their_root() {
 /// default changefeed streams it under the table's own name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_sql_enables_partitioned_tables() {
-    let url = pgcluster::shared()
-        .unwrap()
-        .fresh_database("cf_setup_parts")
-        .await
-        .unwrap();
-    let db = connect(&url).await;
-    db.batch_execute(
-        "CREATE TABLE pt (k INT8 PRIMARY KEY, v TEXT) PARTITION BY RANGE (k);
-         CREATE TABLE pt_low PARTITION OF pt FOR VALUES FROM (0) TO (100);
-         CREATE TABLE pt_high PARTITION OF pt FOR VALUES FROM (100) TO (200);",
-    )
-    .await
-    .unwrap();
+    let (url, db) = partitioned_db("cf_setup_parts").await;
     psql_setup(&url, "east");
     db.batch_execute("SELECT meridian_enable('pt', meridian_region())")
         .await
