@@ -223,6 +223,16 @@ async fn kv_db(name: &str) -> (String, tokio_postgres::Client) {
     (url, db)
 }
 
+/// A fresh `kv` database, a sink, and the options of a changefeed of its
+/// `kv` table named `name` (so are its slot and publication).
+async fn kv_feed(name: &str) -> (String, tokio_postgres::Client, TestSink, ChangefeedOptions) {
+    let (url, db) = kv_db(name).await;
+    let sink = TestSink::start().await;
+    let mut o = options(&url, &["kv"], &sink);
+    o.name = name.into();
+    (url, db, sink, o)
+}
+
 fn ks(rows: &[Value]) -> Vec<i64> {
     rows.iter().map(|r| r["key"][0].as_i64().unwrap()).collect()
 }
@@ -345,10 +355,7 @@ fn now_nanos() -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolved_is_monotonic_and_never_ahead_of_unsent_rows() {
-    let (url, db) = kv_db("cf_resolved").await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_resolved".into();
+    let (url, db, sink, mut o) = kv_feed("cf_resolved").await;
     o.resolved_interval = Some(Duration::from_millis(100));
     let feed = start(o);
     wait_slot(&db, "cf_resolved").await;
@@ -432,10 +439,7 @@ async fn resolved_is_monotonic_and_never_ahead_of_unsent_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_and_4xx_are_retried_not_skipped() {
-    let (url, db) = kv_db("cf_retry").await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_retry".into();
+    let (_, db, sink, o) = kv_feed("cf_retry").await;
     let feed = start(o);
     wait_slot(&db, "cf_retry").await;
 
@@ -476,10 +480,7 @@ async fn server_errors_and_4xx_are_retried_not_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_without_loss_or_endless_resends() {
-    let (url, db) = kv_db("cf_restart").await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_restart".into();
+    let (_, db, sink, o) = kv_feed("cf_restart").await;
 
     let feed = start(o.clone());
     wait_slot(&db, "cf_restart").await;
@@ -685,10 +686,7 @@ async fn initial_scan_no_sends_only_later_changes() {
 /// or a receiver would take the repeat for a new change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resent_transaction_keeps_its_updated_across_a_restart() {
-    let (url, db) = kv_db("cf_floor").await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_floor".into();
+    let (_, db, sink, o) = kv_feed("cf_floor").await;
     let feed = start(o.clone());
     wait_slot(&db, "cf_floor").await;
     db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'one')")
@@ -811,10 +809,7 @@ async fn source_crash_and_restart_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_frequency_holds_small_batches() {
-    let (url, db) = kv_db("cf_freq").await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_freq".into();
+    let (_, db, sink, mut o) = kv_feed("cf_freq").await;
     o.flush_frequency = Duration::from_millis(700);
     o.flush_rows = 1000;
     let feed = start(o);
@@ -837,10 +832,7 @@ async fn flush_frequency_holds_small_batches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_by_rows_and_large_transactions() {
-    let (url, db) = kv_db("cf_batch").await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_batch".into();
+    let (_, db, sink, mut o) = kv_feed("cf_batch").await;
     o.flush_rows = 100;
     let feed = start(o);
     wait_slot(&db, "cf_batch").await;
@@ -1117,10 +1109,7 @@ async fn setup_sql_stamps_local_writes_only() {
 /// the new key (`before: null`), so the receiver does not keep the old row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_changing_update_is_a_delete_and_an_insert() {
-    let (url, db) = kv_db("cf_pk_change").await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_pk_change".into();
+    let (_, db, sink, mut o) = kv_feed("cf_pk_change").await;
     o.initial_scan = false;
     let feed = start(o);
     wait_slot(&db, "cf_pk_change").await;
