@@ -1,6 +1,9 @@
 //! The standard three-way merge (`standardMerge`): reconciles a proposed row
 //! that lost compare-and-set with the stored row, using the source's `before`.
 
+use std::str::FromStr;
+
+use bigdecimal::BigDecimal;
 use serde_json::Value;
 
 use crate::changefeed::Document;
@@ -65,7 +68,7 @@ pub fn three_way(
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => {
-            x == y || canonical_number(&x.to_string()) == canonical_number(&y.to_string())
+            x == y || decimal(x).is_some_and(|x| decimal(y) == Some(x))
         }
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
@@ -77,27 +80,8 @@ fn same(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// A decimal's sign, significant digits and exponent, so that `1`, `1.0`,
-/// `10e-1` and `0.1e1` come out the same.
-fn canonical_number(text: &str) -> (bool, String, i64) {
-    let (negative, text) = match text.strip_prefix('-') {
-        Some(t) => (true, t),
-        None => (false, text),
-    };
-    let (mantissa, exp) = match text.find(['e', 'E']) {
-        Some(i) => (&text[..i], text[i + 1..].parse::<i64>().unwrap_or(0)),
-        None => (text, 0),
-    };
-    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let digits = format!("{int}{frac}");
-    let lead = digits.len() - digits.trim_start_matches('0').len();
-    let digits = digits.trim_start_matches('0').trim_end_matches('0');
-    if digits.is_empty() {
-        return (false, String::new(), 0);
-    }
-    // The exponent of the first significant digit.
-    let first = int.len() as i64 - lead as i64 - 1 + exp;
-    (negative, digits.to_string(), first)
+fn decimal(n: &serde_json::Number) -> Option<BigDecimal> {
+    BigDecimal::from_str(&n.to_string()).ok()
 }
 
 #[cfg(test)]
