@@ -843,37 +843,39 @@ impl TxBridge<'_, '_> {
         self.aborted.get_or_insert(TargetError::db(e).into());
         message
     }
+
+    /// A script's statement, prepared, and its arguments bound to its types.
+    async fn prepare(
+        &mut self,
+        sql: &str,
+        args: &[Value],
+    ) -> Result<(tokio_postgres::Statement, Vec<Param>), String> {
+        let prepared = self.tx.prepare(sql).await;
+        let stmt = prepared.map_err(|e| self.abort(e))?;
+        let params = bind_args(stmt.params(), args)?;
+        Ok((stmt, params))
+    }
+}
+
+fn param_refs(params: &[Param]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    params.iter().map(|p| p.as_ref() as _).collect()
 }
 
 #[async_trait::async_trait]
 impl ScriptTx for TxBridge<'_, '_> {
     async fn exec(&mut self, sql: &str, args: Vec<Value>) -> Result<u64, String> {
-        let stmt = match self.tx.prepare(sql).await {
-            Ok(s) => s,
-            Err(e) => return Err(self.abort(e)),
-        };
-        let params = bind_args(stmt.params(), &args)?;
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p.as_ref() as _).collect();
-        match self.tx.execute(&stmt, &refs).await {
-            Ok(n) => Ok(n),
-            Err(e) => Err(self.abort(e)),
-        }
+        let (stmt, params) = self.prepare(sql, &args).await?;
+        let done = self.tx.execute(&stmt, &param_refs(&params)).await;
+        done.map_err(|e| self.abort(e))
     }
 
     async fn query(&mut self, sql: &str, args: Vec<Value>) -> Result<Vec<Vec<Value>>, String> {
-        let stmt = match self.tx.prepare(sql).await {
-            Ok(s) => s,
-            Err(e) => return Err(self.abort(e)),
-        };
-        let params = bind_args(stmt.params(), &args)?;
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p.as_ref() as _).collect();
-        let rows = match self.tx.query(&stmt, &refs).await {
-            Ok(r) => r,
-            Err(e) => return Err(self.abort(e)),
-        };
-        rows.iter().map(row_to_json).collect()
+        let (stmt, params) = self.prepare(sql, &args).await?;
+        let rows = self.tx.query(&stmt, &param_refs(&params)).await;
+        rows.map_err(|e| self.abort(e))?
+            .iter()
+            .map(row_to_json)
+            .collect()
     }
 
     async fn apply(&mut self, ops: Vec<ApplyOp>) -> Result<(), String> {
