@@ -275,13 +275,7 @@ impl Engine {
                         ScriptError::Invalid(format!("dispatch output: no table {t}"))
                     })?;
                     let mut mutation = m;
-                    // A delete the script routed as shown: the document it
-                    // saw ({} when the source sent no `before`) names the row.
-                    // One whose row never existed at the source (`before:
-                    // null`) stays so, and is dropped.
-                    if mutation.after.is_none() && mutation.before == Before::Absent {
-                        mutation.before = Before::Row(Map::new());
-                    }
+                    take_routed_document(&mut mutation, None);
                     routed.push(Routed {
                         table: table.clone(),
                         mutation,
@@ -342,24 +336,7 @@ impl Engine {
                 let Some(mut mutation) = (if j + 1 == n { m.take() } else { m.clone() }) else {
                     break;
                 };
-                match doc {
-                    Some(doc) if mutation.after.is_some() => mutation.after = Some(doc),
-                    // A delete whose row never existed at the source stays a
-                    // no-op, wherever it goes.
-                    _ if mutation.after.is_none() && mutation.before == Before::Null => {}
-                    // A delete: the returned document names the row by its
-                    // key; the source's key names a row of another shape.
-                    Some(doc) => {
-                        mutation.before = Before::Row(doc);
-                        mutation.key = None;
-                    }
-                    None if mutation.after.is_some() => {}
-                    None => {
-                        if mutation.before == Before::Absent {
-                            mutation.before = Before::Row(Map::new());
-                        }
-                    }
-                }
+                take_routed_document(&mut mutation, doc);
                 routed.push(Routed { table, mutation });
             }
         }
@@ -715,6 +692,31 @@ fn topic_of<'a>(default_table: Option<&'a str>, m: &'a Mutation) -> Result<&'a s
                 .to_string(),
         )
     })
+}
+
+/// Gives a row the document dispatch routed it with (`None`: its own,
+/// unchanged).
+fn take_routed_document(mutation: &mut Mutation, doc: Option<Map<String, Value>>) {
+    match doc {
+        Some(doc) if mutation.after.is_some() => mutation.after = Some(doc),
+        // A delete whose row never existed at the source stays a no-op,
+        // wherever it goes.
+        _ if mutation.after.is_none() && mutation.before == Before::Null => {}
+        // A delete: the returned document names the row by its key; the
+        // source's key names a row of another shape.
+        Some(doc) => {
+            mutation.before = Before::Row(doc);
+            mutation.key = None;
+        }
+        None if mutation.after.is_some() => {}
+        // A delete routed as shown: the document the script saw ({} when
+        // the source sent no `before`) names the row.
+        None => {
+            if mutation.before == Before::Absent {
+                mutation.before = Before::Row(Map::new());
+            }
+        }
+    }
 }
 
 /// What `dispatchBatch` answers: `[tables, codes, results]`, one code per
