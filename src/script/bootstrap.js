@@ -256,6 +256,25 @@
     return f;
   }
 
+  // Flags the transpiler proved for a dispatch function (see
+  // readonly_params.rs): 1, it never changes `doc` in place nor keeps it
+  // outside its result; 2, it never changes or keeps `meta`.
+  const READ_ONLY_DOC = 1;
+  const READ_ONLY_META = 2;
+  const readOnly = new WeakMap();
+  Object.defineProperty(globalThis, "__meridianReadOnly", {
+    value: function (f, flags) {
+      if (typeof f === "function") readOnly.set(f, flags | 0);
+      return f;
+    },
+  });
+  function readOnlyFlags(f) {
+    return typeof f === "function" ? readOnly.get(f) | 0 : 0;
+  }
+  function unchanged() {
+    return true;
+  }
+
   function isPlain(v) {
     if (v === null || typeof v !== "object") return false;
     const p = protoOf(v);
@@ -317,6 +336,13 @@
     // index a small integer, which takes the fast array path.
     let o = 0;
     let held;
+    const roDispatch = readOnlyFlags(s.dispatch);
+    const roDeletes = readOnlyFlags(s.deletesTo);
+    // One meta (with and without a key) reused row after row, for functions
+    // that can neither change nor keep it; rebuilt when the header changes.
+    let sharedMeta = null;
+    let sharedKeyed = null;
+    let sharedKey = null;
     // f: the row shape's maker (null: the document travels whole);
     // width: how many entries of `a` the document takes.
     let shape, del, table, nanos, logical, nk, f, width;
@@ -334,9 +360,24 @@
         f = shape >= 0 ? fns[shape] : null;
         width = shape >= 0 ? shapes[shape].length : 1;
         o += 5;
+        sharedMeta = sharedKeyed = null;
       }
+      const ro = del ? roDeletes : roDispatch;
       let meta;
-      if (nk < 0) meta = { schema: schema, table: table, nanos: nanos, logical: logical };
+      if ((ro & READ_ONLY_META) !== 0) {
+        if (nk < 0) {
+          if (sharedMeta === null) sharedMeta = { schema: schema, table: table, nanos: nanos, logical: logical };
+          meta = sharedMeta;
+        } else {
+          if (sharedKeyed === null || sharedKey.length !== nk) {
+            sharedKey = new Array(nk);
+            sharedKeyed = { schema: schema, table: table, nanos: nanos, logical: logical, key: sharedKey };
+          }
+          for (let j = 0; j < nk; j++) sharedKey[j] = a[o + j];
+          meta = sharedKeyed;
+          o += nk;
+        }
+      } else if (nk < 0) meta = { schema: schema, table: table, nanos: nanos, logical: logical };
       else {
         // Nearly every key has one column: a literal is cheaper than slice.
         const key = nk === 1 ? [a[o]] : a.slice(o, o + nk);
@@ -360,18 +401,18 @@
           isArray((list = v[name])) &&
           list.length === 1 &&
           list[0] === doc &&
-          f.same(doc, a, o)
+          ((ro & READ_ONLY_DOC) !== 0 || f.same(doc, a, o))
         ) {
           let t = tables.indexOf(name);
           if (t < 0) t = tables.push(name) - 1;
           codes.push(t);
         } else {
           codes.push(-2 - results.length);
-          results.push(encodeRouted(v, doc, f.same, a, o));
+          results.push(encodeRouted(v, doc, (ro & READ_ONLY_DOC) !== 0 ? unchanged : f.same, a, o));
         }
       } else {
         codes.push(-2 - results.length);
-        results.push(shape >= 0 ? encodeRouted(v, doc, f.same, a, o) : v);
+        results.push(shape >= 0 ? encodeRouted(v, doc, (ro & READ_ONLY_DOC) !== 0 ? unchanged : f.same, a, o) : v);
       }
       o += width;
     }

@@ -338,6 +338,7 @@ mod alloc;
 mod check;
 mod console_guard;
 pub(crate) mod engine;
+mod readonly_params;
 mod runtime;
 mod transpile;
 

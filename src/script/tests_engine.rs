@@ -838,3 +838,124 @@ api.configureTable("kv", {
         );
     }
 }
+
+/// A dispatch that provably only reads `doc` and `meta` gets one meta object
+/// reused row after row (see readonly_params.rs): each row must still see its
+/// own key, table and time, and its document must still arrive unchanged.
+#[test]
+fn read_only_dispatch_sees_each_rows_own_meta() {
+    let script = r#"import * as api from "replicator@v1";
+api.configureSource("db.s", {
+  dispatch: (doc: any, meta: any) => ({
+    t: [doc],
+    m: [{ k: meta.key ? meta.key[0] : null, n: meta.key ? meta.key.length : -1, table: meta.table, at: meta.nanos, meta: JSON.stringify(meta) }],
+  }),
+});
+"#;
+    let batch = vec![
+        upsert(json!({"k": 1, "v": "a"}), 5),
+        upsert(json!({"k": 2, "v": "b"}), 5),
+        Mutation {
+            topic: Some("other".into()),
+            ..upsert(json!({"k": 3, "v": "c"}), 5)
+        },
+        Mutation {
+            key: Some(vec![json!(4), json!("x")]),
+            ..upsert(json!({"k": 4, "v": "d"}), 6)
+        },
+        Mutation {
+            key: None,
+            ..upsert(json!({"k": 5, "v": "e"}), 6)
+        },
+        upsert(json!({"k": 6, "v": "f"}), 7),
+    ];
+    let routed = dispatch_with(script, batch);
+    let got: Vec<(String, Value)> = routed
+        .iter()
+        .map(|r| {
+            let doc = r.mutation.after.clone().map(Value::Object);
+            (r.table.table.clone(), doc.unwrap_or(Value::Null))
+        })
+        .collect();
+    let meta = |k: Value, n: i64, table: &str, at: i64, json: &str| {
+        (
+            "m".to_string(),
+            json!({"k": k, "n": n, "table": table, "at": at, "meta": json}),
+        )
+    };
+    let t = |doc: Value| ("t".to_string(), doc);
+    // Each row's tables come in name order.
+    assert_eq!(
+        got,
+        vec![
+            meta(
+                json!(1),
+                1,
+                "kv",
+                5,
+                r#"{"schema":"s","table":"kv","nanos":5,"logical":0,"key":[1]}"#
+            ),
+            t(json!({"k": 1, "v": "a"})),
+            meta(
+                json!(2),
+                1,
+                "kv",
+                5,
+                r#"{"schema":"s","table":"kv","nanos":5,"logical":0,"key":[2]}"#
+            ),
+            t(json!({"k": 2, "v": "b"})),
+            meta(
+                json!(3),
+                1,
+                "other",
+                5,
+                r#"{"schema":"s","table":"other","nanos":5,"logical":0,"key":[3]}"#
+            ),
+            t(json!({"k": 3, "v": "c"})),
+            meta(
+                json!(4),
+                2,
+                "kv",
+                6,
+                r#"{"schema":"s","table":"kv","nanos":6,"logical":0,"key":[4,"x"]}"#
+            ),
+            t(json!({"k": 4, "v": "d"})),
+            meta(
+                Value::Null,
+                -1,
+                "kv",
+                6,
+                r#"{"schema":"s","table":"kv","nanos":6,"logical":0}"#
+            ),
+            t(json!({"k": 5, "v": "e"})),
+            meta(
+                json!(6),
+                1,
+                "kv",
+                7,
+                r#"{"schema":"s","table":"kv","nanos":7,"logical":0,"key":[6]}"#
+            ),
+            t(json!({"k": 6, "v": "f"})),
+        ]
+    );
+}
+
+/// A marked dispatch keeps its name in stack traces.
+#[test]
+fn read_only_dispatch_keeps_its_name_in_stack_traces() {
+    let script = r#"import * as api from "replicator@v1";
+api.configureSource("db.s", {
+  dispatch: (doc: any, meta: any) => {
+    if (doc.k === 1) throw new Error("bad " + meta.table + " " + new Error("x").stack.split("\n")[0].trim());
+    return { t: [doc] };
+  },
+});
+"#;
+    let dir = dir_with(&[("main.ts", script)]);
+    let s = load(&dir, "main.ts").unwrap();
+    let got = rt().block_on(s.dispatch("db", "s", None, vec![upsert(json!({"k": 1}), 1)]));
+    match got {
+        Err(ScriptError::Exception(m)) => assert!(m.contains("bad kv at dispatch ("), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -111,6 +111,7 @@ pub fn transpile(name: &str, source: &str) -> Result<Transpiled, String> {
     }
 
     super::console_guard::guard_console_calls(&allocator, &mut program);
+    super::readonly_params::mark_read_only_params(&allocator, &mut program);
 
     let mut imports = Vec::new();
     for stmt in &program.body {
