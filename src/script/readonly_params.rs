@@ -498,6 +498,10 @@ mod tests {
         Some(n.trim().parse().unwrap())
     }
 
+    fn assert_unmarked(flag: u8, body: &str) {
+        assert_eq!(flags(body).unwrap_or(0) & flag, 0, "{body}");
+    }
+
     #[test]
     fn the_seeds_dispatch_only_reads_doc_and_meta() {
         let src =
@@ -562,8 +566,7 @@ mod tests {
             "return doc || {};",
             "return { t: doc };",
         ] {
-            let f = flags(body).unwrap_or(0);
-            assert_eq!(f & DOC, 0, "{body}");
+            assert_unmarked(DOC, body);
         }
     }
 
@@ -581,8 +584,7 @@ mod tests {
             "helper(meta); return null;",
             "const x = meta[doc.f]; return null;",
         ] {
-            let f = flags(body).unwrap_or(0);
-            assert_eq!(f & META, 0, "{body}");
+            assert_unmarked(META, body);
         }
     }
 
