@@ -176,6 +176,14 @@ fn start(opts: ChangefeedOptions) -> Running {
     }
 }
 
+/// Starts a changefeed and waits until its slot streams.
+async fn start_streaming(db: &tokio_postgres::Client, opts: ChangefeedOptions) -> Running {
+    let slot = opts.slot.clone().unwrap_or_else(|| opts.name.clone());
+    let feed = start(opts);
+    wait_slot(db, &slot).await;
+    feed
+}
+
 async fn connect(url: &str) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -244,8 +252,7 @@ async fn wire_format_of_insert_update_delete() {
     let mut o = options(&url, &["cf_wire.public.kv"], &sink);
     o.name = "cf_wire".into();
     o.auth_token = Some("sekret".into());
-    let feed = start(o);
-    wait_slot(&db, "cf_wire").await;
+    let feed = start_streaming(&db, o).await;
 
     db.batch_execute(
         "INSERT INTO kv VALUES (1, 'one', 12345678901234567890.000000000001, '{\"x\": [1, 2]}', true, \
@@ -357,8 +364,7 @@ fn now_nanos() -> i64 {
 async fn resolved_is_monotonic_and_never_ahead_of_unsent_rows() {
     let (url, db, sink, mut o) = kv_feed("cf_resolved").await;
     o.resolved_interval = Some(Duration::from_millis(100));
-    let feed = start(o);
-    wait_slot(&db, "cf_resolved").await;
+    let feed = start_streaming(&db, o).await;
 
     // Idle: resolved still advances.
     let ok = wait_for(Duration::from_secs(10), || {
@@ -440,8 +446,7 @@ async fn resolved_is_monotonic_and_never_ahead_of_unsent_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_and_4xx_are_retried_not_skipped() {
     let (_, db, sink, o) = kv_feed("cf_retry").await;
-    let feed = start(o);
-    wait_slot(&db, "cf_retry").await;
+    let feed = start_streaming(&db, o).await;
 
     sink.state.lock().unwrap().fail_next.extend([500, 503]);
     db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'a'), (2, 'b')")
@@ -482,8 +487,7 @@ async fn server_errors_and_4xx_are_retried_not_skipped() {
 async fn restart_resumes_without_loss_or_endless_resends() {
     let (_, db, sink, o) = kv_feed("cf_restart").await;
 
-    let feed = start(o.clone());
-    wait_slot(&db, "cf_restart").await;
+    let feed = start_streaming(&db, o.clone()).await;
     db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'first' FROM generate_series(1, 10) g")
         .await
         .unwrap();
@@ -670,8 +674,7 @@ async fn initial_scan_no_sends_only_later_changes() {
     let mut o = options(&url, &["kv"], &sink);
     o.name = "cf_noscan".into();
     o.initial_scan = false;
-    let feed = start(o);
-    wait_slot(&db, "cf_noscan").await;
+    let feed = start_streaming(&db, o).await;
     db.batch_execute("INSERT INTO kv (k, v) VALUES (11, 'new')")
         .await
         .unwrap();
@@ -687,8 +690,7 @@ async fn initial_scan_no_sends_only_later_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resent_transaction_keeps_its_updated_across_a_restart() {
     let (_, db, sink, o) = kv_feed("cf_floor").await;
-    let feed = start(o.clone());
-    wait_slot(&db, "cf_floor").await;
+    let feed = start_streaming(&db, o.clone()).await;
     db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'one')")
         .await
         .unwrap();
@@ -765,8 +767,7 @@ async fn source_crash_and_restart_loses_nothing() {
     let sink = TestSink::start().await;
     let mut o = options(&url, &["kv.public.kv"], &sink);
     o.resolved_interval = Some(Duration::from_millis(200));
-    let feed = start(o);
-    wait_slot(&db, "meridian").await;
+    let feed = start_streaming(&db, o).await;
     db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'a' FROM generate_series(1, 100) g")
         .await
         .unwrap();
@@ -812,8 +813,7 @@ async fn flush_frequency_holds_small_batches() {
     let (_, db, sink, mut o) = kv_feed("cf_freq").await;
     o.flush_frequency = Duration::from_millis(700);
     o.flush_rows = 1000;
-    let feed = start(o);
-    wait_slot(&db, "cf_freq").await;
+    let feed = start_streaming(&db, o).await;
     for k in 1..=5i64 {
         db.execute("INSERT INTO kv (k) VALUES ($1)", &[&k])
             .await
@@ -834,8 +834,7 @@ async fn flush_frequency_holds_small_batches() {
 async fn batches_by_rows_and_large_transactions() {
     let (_, db, sink, mut o) = kv_feed("cf_batch").await;
     o.flush_rows = 100;
-    let feed = start(o);
-    wait_slot(&db, "cf_batch").await;
+    let feed = start_streaming(&db, o).await;
     db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'x' FROM generate_series(1, 1000) g")
         .await
         .unwrap();
@@ -898,8 +897,7 @@ async fn https_sink_with_self_signed_certificate() {
         "webhook-https://{}/db/public?insecure_tls_skip_verify=true",
         sink.addr
     );
-    let feed = start(o);
-    wait_slot(&db, "cf_tls").await;
+    let feed = start_streaming(&db, o).await;
     db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'secure')")
         .await
         .unwrap();
@@ -1090,8 +1088,7 @@ async fn setup_sql_stamps_local_writes_only() {
     // The default changefeed name reads setup.sql's publication.
     let sink = TestSink::start().await;
     let o = options(&url, &["kv"], &sink);
-    let feed = start(o);
-    wait_slot(&db, "meridian").await;
+    let feed = start_streaming(&db, o).await;
     db.batch_execute("INSERT INTO kv (k, v) VALUES (3, 'fed')")
         .await
         .unwrap();
@@ -1111,8 +1108,7 @@ async fn setup_sql_stamps_local_writes_only() {
 async fn key_changing_update_is_a_delete_and_an_insert() {
     let (_, db, sink, mut o) = kv_feed("cf_pk_change").await;
     o.initial_scan = false;
-    let feed = start(o);
-    wait_slot(&db, "cf_pk_change").await;
+    let feed = start_streaming(&db, o).await;
     db.batch_execute(
         "INSERT INTO kv (k, v, by) VALUES (1, 'one', decode(repeat('ab', 100000), 'hex'))",
     )
@@ -1199,8 +1195,7 @@ async fn partitioned_tables_stream_through_their_root() {
         .await
         .unwrap();
 
-    let feed = start(o);
-    wait_slot(&db, "cf_parts").await;
+    let feed = start_streaming(&db, o).await;
     sink.wait_rows(1).await;
     db.batch_execute(
         "INSERT INTO pt VALUES (150, 'streamed'); UPDATE pt SET v = 'moved' WHERE k = 1;",
@@ -1245,8 +1240,7 @@ async fn setup_sql_enables_partitioned_tables() {
     // setup.sql's publication; slots are per cluster, so a name of its own.
     o.publication = Some("meridian".into());
     o.slot = Some("cf_setup_parts".into());
-    let feed = start(o);
-    wait_slot(&db, "cf_setup_parts").await;
+    let feed = start_streaming(&db, o).await;
     db.batch_execute("INSERT INTO pt (k, v) VALUES (150, 'local')")
         .await
         .unwrap();
@@ -1289,8 +1283,7 @@ async fn resent_rows_keep_their_updated_after_a_source_crash() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let sink = TestSink::start().await;
-    let feed = start(options(&url, &["kv.public.kv"], &sink));
-    wait_slot(&db, "meridian").await;
+    let feed = start_streaming(&db, options(&url, &["kv.public.kv"], &sink)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
