@@ -11,8 +11,7 @@ async fn plain_upserts_without_userscript() {
         kv_row(1, "\\\\x01", "east", "2026-01-01T00:00:01Z", None, "1.0"),
         kv_row(2, "AQI=", "east", "2026-01-01T00:00:01Z", None, "1.0"),
     ]);
-    let (status, text) = f.post("/plain_upserts/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/plain_upserts/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v, _source, _timestamp FROM kv ORDER BY k")
             .await,
@@ -42,8 +41,7 @@ async fn values_convert_by_column_type() {
         "j":{"x":[1,2,{"y":null}]},"a":[1,"two"],"ts":"2026-03-04T05:06:07.123456Z","u":"6f1c1a58-5d0b-4a55-8f5e-0d9b6a3b2c11",
         "arr":[1,2,null],"tags":["a,b","c\"d"],"blob":"\\xdeadbeef","blob64":"3q2+7w==","f":1.5,"nul":null},
         "key":[1],"topic":"t","updated":"1.0"}],"length":1}"#;
-    let (status, text) = f.post("/convert_types/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/convert_types/public", body).await;
     assert_eq!(
         f.dump("SELECT id, n, s, b, j, a, ts, u, arr, tags, blob, blob64, f, nul FROM t").await,
         vec![concat!(
@@ -70,8 +68,7 @@ async fn table_route_and_other_database() {
     // No topic in the payload: the URL names the table.
     let body =
         r#"{"payload":[{"after":{"id":7,"name":"seven"},"key":[7],"updated":"5.0"}],"length":1}"#;
-    let (status, text) = f.post("/route_other/app/items", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/route_other/app/items", body).await;
     let name: String = other_db
         .query_one("SELECT name FROM app.items WHERE id = 7", &[])
         .await
@@ -95,8 +92,7 @@ async fn cas_newer_wins_older_goes_to_dlq() {
         kv_row(2, "\\\\x02", "east", T3, None, "10.0"), // newer: wins
         kv_row(3, "\\\\x03", "east", T1, None, "10.0"), // no stored row: applies
     ]);
-    let (status, text) = f.post("/cas_win_loss/public", body.clone()).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/cas_win_loss/public", body.clone()).await;
     let rows = f.dump("SELECT k, v, _source FROM kv ORDER BY k").await;
     assert_eq!(rows, vec!["1|\\xaa|west", "2|\\x02|east", "3|\\x03|east"]);
     let dlq = f
@@ -135,13 +131,11 @@ async fn cas_loss_without_merge_is_discarded_and_counted() {
     );
     let f = fixture("cas_nomerge", KV_SCHEMA, &["--userscript", &path]).await;
     seed_row(&f, 1, "aa", "west", T2).await;
-    let (status, text) = f
-        .post(
-            "/cas_nomerge/public",
-            batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
-        )
-        .await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok(
+        "/cas_nomerge/public",
+        batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
+    )
+    .await;
     assert_eq!(f.dump("SELECT k, v FROM kv").await, vec!["1|\\xaa"]);
     assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
     let metrics = f.metrics().await;
@@ -165,8 +159,7 @@ async fn equal_cas_ties_break_on_source() {
         kv_row(1, "\\\\x01", "west", T2, None, "1.0"), // 'west' > 'east': wins
         kv_row(2, "\\\\x02", "east", T2, None, "1.0"), // 'east' < 'west': loses
     ]);
-    let (status, text) = f.post("/cas_tie/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/cas_tie/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
         vec!["1|\\x01|west", "2|\\xbb|west"]
@@ -209,10 +202,8 @@ async fn standard_merge_three_way_and_fallbacks() {
     );
     assert_eq!(f.dump("SELECT * FROM docs").await, before_all);
     // Only a changed (before == stored) and b already equal: merges.
-    let (status, text) = f
-        .post("/std_merge/public", batch(&[row("docs", "a1", "b1")]))
+    f.post_ok("/std_merge/public", batch(&[row("docs", "a1", "b1")]))
         .await;
-    assert_eq!(status, 200, "{text}");
     assert_eq!(
         f.dump("SELECT id, a, b, ts FROM docs").await,
         vec!["1|a1|b1|20"]
@@ -223,8 +214,7 @@ async fn standard_merge_three_way_and_fallbacks() {
         row("drop_fb", "a1", "b2"),
         row("custom", "a1", "b2"),
     ]);
-    let (status, text) = f.post("/std_merge/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/std_merge/public", body).await;
     assert_eq!(
         f.dump("SELECT id, a, b, ts FROM apply_fb").await,
         vec!["1|fallback|b1|20"]
@@ -249,13 +239,11 @@ async fn typed_comparison_makes_replays_no_ops() {
     let f = fixture("typed_cmp", KV_SCHEMA, &["--userscript", &path]).await;
     seed_row(&f, 1, "01", "east", "2026-01-01 00:00:01+00").await;
     // Same row in other spellings: hex escape and RFC 3339: not a conflict.
-    let (status, text) = f
-        .post(
-            "/typed_cmp/public",
-            batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
-        )
-        .await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok(
+        "/typed_cmp/public",
+        batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
+    )
+    .await;
     assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
 }
 
@@ -268,8 +256,7 @@ async fn duplicate_keys_fold_to_highest_updated() {
         kv_row(2, "\\\\x01", "east", T1, None, "10.0"),
         kv_row(2, "\\\\x02", "east", T2, None, "10.0"), // same time: the last wins
     ]);
-    let (status, text) = f.post("/dup_keys/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/dup_keys/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v FROM kv ORDER BY k").await,
         vec!["1|\\x03", "2|\\x02"]
@@ -294,8 +281,7 @@ async fn deletes_with_and_without_conflict() {
         del(2, &before(2, "bb")),
         del(3, "null"),
     ]);
-    let (status, text) = f.post("/deletes/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/deletes/public", body).await;
     assert_eq!(f.dump("SELECT k FROM kv ORDER BY k").await, vec!["2", "3"]);
     assert_eq!(
         f.dump("SELECT dlq_name, source_nanos, source_logical, data_after, data_before->>'k' FROM cdc_sink_dlq").await,
@@ -309,8 +295,7 @@ async fn deletes_without_cas_remove_rows() {
     seed_row(&f, 1, "aa", "east", T1).await;
     seed_row(&f, 2, "bb", "east", T1).await;
     let body = r#"{"payload":[{"after":null,"key":[1],"topic":"kv","updated":"2.0"}],"length":1}"#;
-    let (status, text) = f.post("/plain_deletes/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/plain_deletes/public", body).await;
     assert_eq!(f.dump("SELECT k FROM kv").await, vec!["2"]);
 }
 
@@ -325,8 +310,7 @@ async fn deadlines_discard_old_rows() {
         kv_row(1, "\\\\x01", "east", T1, None, "1.0"), // 2026-01-01: far too old
         kv_row(2, "\\\\x02", "east", &fresh, None, "1.0"),
     ]);
-    let (status, text) = f.post("/deadlines/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/deadlines/public", body).await;
     assert_eq!(f.dump("SELECT k FROM kv").await, vec!["2"]);
 }
 
@@ -513,17 +497,14 @@ async fn schema_change_is_picked_up() {
     f.db.batch_execute("ALTER TABLE t ADD COLUMN b INT8")
         .await
         .unwrap();
-    let (status, text) = f.post("/schema_change/public", row(r#","b":5"#)).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/schema_change/public", row(r#","b":5"#)).await;
     assert_eq!(f.dump("SELECT id, a, b FROM t").await, vec!["1|x|5"]);
     // A column that changes type is converted by its new type.
     f.db.batch_execute("ALTER TABLE t ALTER COLUMN b TYPE jsonb USING to_jsonb(b)")
         .await
         .unwrap();
-    let (status, text) = f
-        .post("/schema_change/public", row(r#","b":{"n":6}"#))
+    f.post_ok("/schema_change/public", row(r#","b":{"n":6}"#))
         .await;
-    assert_eq!(status, 200, "{text}");
     assert_eq!(
         f.dump("SELECT id, a, b FROM t").await,
         vec![r#"1|x|{"n": 6}"#]
@@ -567,13 +548,11 @@ async fn tls_self_signed_and_metrics_addr() {
     )
     .await;
     assert!(f.server.base_url().starts_with("https://"));
-    let (status, text) = f
-        .post(
-            "/tls/public",
-            batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
-        )
-        .await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok(
+        "/tls/public",
+        batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
+    )
+    .await;
     let m = reqwest::get(format!(
         "http://{}/metrics",
         f.server.metrics_addr().unwrap()
@@ -662,8 +641,7 @@ async fn local_writes_racing_replication_are_never_lost() {
         let rows: Vec<String> = (0..keys)
             .map(|k| kv_row(k, "\\\\x22", "east", &ts, None, &format!("{}.0", round + 1)))
             .collect();
-        let (status, text) = f.post("/race/public", batch(&rows)).await;
-        assert_eq!(status, 200, "{text}");
+        f.post_ok("/race/public", batch(&rows)).await;
     }
     local.await.unwrap();
     // Odd seconds run to 29, even to 28: the local write of second 29 wins everywhere.
@@ -691,8 +669,7 @@ async fn table_options_map_ignore_extras_exprs() {
     )
     .await;
     let body = r#"{"payload":[{"after":{"id":1,"name":"ada","junk":"x","color":"red"},"key":[1],"topic":"t","updated":"1.0"}],"length":1}"#;
-    let (status, text) = f.post("/table_options/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/table_options/public", body).await;
     assert_eq!(
         f.dump("SELECT id, name, more FROM t").await,
         vec![r#"1|ADA|{"color": "red", "mapped": true}"#]
@@ -896,13 +873,11 @@ async fn connections_are_accepted_with_nagle_off() {
         ("nodelay_tls", &["--tlsSelfSigned"][..]),
     ] {
         let f = fixture(name, KV_SCHEMA, extra).await;
-        let (status, text) = f
-            .post(
-                &format!("/{name}/public"),
-                batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
-            )
-            .await;
-        assert_eq!(status, 200, "{text}");
+        f.post_ok(
+            &format!("/{name}/public"),
+            batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]),
+        )
+        .await;
         // The client keeps its connection open for the next request.
         let fds = accepted_on(f.server.addr().port());
         assert!(!fds.is_empty(), "{name}: no open connection found");
@@ -941,8 +916,7 @@ async fn conflicts_with_different_columns_merge_on_their_own() {
         r#"{"after":{"id":1,"a":"a1","ts":10},"before":{"id":1,"a":"a0","ts":5},"key":[1],"topic":"wide","updated":"3.0"}"#.to_string(),
         r#"{"after":{"id":2,"a":"a2","b":"b2","ts":10},"before":{"id":2,"a":"a0","b":"b0","ts":5},"key":[2],"topic":"wide","updated":"3.0"}"#.to_string(),
     ]);
-    let (status, text) = f.post("/mixed_cols/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/mixed_cols/public", body).await;
     assert_eq!(
         f.dump("SELECT id, a, b, ts FROM wide WHERE id <= 2 ORDER BY id")
             .await,
@@ -953,8 +927,7 @@ async fn conflicts_with_different_columns_merge_on_their_own() {
         r#"{"after":{"id":3,"a":"a3","b":"b3","ts":10},"before":{"id":3,"a":"a0","b":"b0","ts":5},"key":[3],"topic":"wide","updated":"3.0"}"#.to_string(),
         r#"{"after":{"id":4,"a":"a4","ts":10},"before":{"id":4,"a":"a0","ts":5},"key":[4],"topic":"wide","updated":"3.0"}"#.to_string(),
     ]);
-    let (status, text) = f.post("/mixed_cols/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/mixed_cols/public", body).await;
     assert_eq!(
         f.dump("SELECT id, a, b, ts FROM wide WHERE id > 2 ORDER BY id")
             .await,
@@ -988,8 +961,7 @@ async fn deletes_routed_by_a_function_use_the_returned_key() {
         r#"{"after":{"id":4,"v":"four"},"before":null,"key":[4],"topic":"a","updated":"4.0"}"#.to_string(),
         r#"{"after":null,"before":null,"key":[4],"topic":"a","updated":"5.0"}"#.to_string(),
     ]);
-    let (status, text) = f.post("/del_fn/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/del_fn/public", body).await;
     assert_eq!(
         f.dump("SELECT b_id, v FROM b ORDER BY b_id").await,
         vec!["1|local", "a-3|kept", "a-4|four"]
@@ -1012,8 +984,7 @@ async fn deletes_of_rows_the_source_never_had_are_dropped_through_scripts() {
     let body = batch(&[
         r#"{"after":null,"before":null,"key":[3],"topic":"kv","updated":"3.0"}"#.to_string(),
     ]);
-    let (status, text) = f.post("/del_null/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/del_null/public", body).await;
     assert_eq!(f.dump("SELECT k FROM kv").await, vec!["3"]);
 }
 
@@ -1071,10 +1042,8 @@ async fn always_identity_columns_do_not_block_updates() {
             r#"{{"after":{{"id":1,"seq":42,"v":"{v}"}},"key":[1],"topic":"t","updated":"{updated}"}}"#
         )])
     };
-    let (status, text) = f.post("/ident_always/public", row("one", "1.0")).await;
-    assert_eq!(status, 200, "{text}");
-    let (status, text) = f.post("/ident_always/public", row("two", "2.0")).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/ident_always/public", row("one", "1.0")).await;
+    f.post_ok("/ident_always/public", row("two", "2.0")).await;
     assert_eq!(f.dump("SELECT id, seq, v FROM t").await, vec!["1|42|two"]);
 }
 
@@ -1093,7 +1062,6 @@ async fn merges_compare_numerics_by_value() {
     );
     let f = fixture("num_merge", &setup, &["--userscript", &path]).await;
     let body = batch(&[r#"{"after":{"id":1,"n":1,"b":"b1","ts":10},"before":{"id":1,"n":1,"b":"b0","ts":5},"key":[1],"topic":"m","updated":"3.0"}"#.to_string()]);
-    let (status, text) = f.post("/num_merge/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/num_merge/public", body).await;
     assert_eq!(f.dump("SELECT n, b, ts FROM m").await, vec!["1.0|b1|20"]);
 }

@@ -30,8 +30,7 @@ async fn shipped_scripts_against_kv() {
         kv_row(2, "\\\\x02", "west", T1, None, "10.0"), // originated here: dropped
         kv_row(3, "\\\\x03", "east", T1, None, "11.0"), // older than the local row: DLQ
     ]);
-    let (status, text) = f.post("/kv/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/kv/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
         vec!["1|\\x01|east", "3|\\xcc|west"]
@@ -52,8 +51,7 @@ async fn shipped_scripts_against_kv() {
         kv_row(2, "\\\\x02", "west", T3, None, "20.0"),
         kv_row(4, "\\\\x04", "east", T1, None, "20.0"),
     ]);
-    let (status, text) = f.post("/kv/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/kv/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
         vec!["1|\\xaa|west", "4|\\x04|east"]
@@ -73,8 +71,7 @@ async fn shipped_scripts_against_kv() {
         kv_row(1, "\\\\xaa", "west", T2, None, "30.0"),
         kv_row(5, "\\\\x05", "east", T3, None, "30.0"),
     ]);
-    let (status, text) = f.post("/kv/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/kv/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
         vec!["1|\\xaa|west"]
@@ -97,8 +94,7 @@ async fn shipped_scripts_against_kv() {
         kv_row(3, "\\\\x03", "east", T1, None, "40.0"),
         r#"{"after":null,"before":{"k":6,"v":"Zg==","_source":"east","_timestamp":"2026-01-01T00:00:01Z"},"key":[6],"topic":"kv","updated":"41.0"}"#.to_string(),
     ]);
-    let (status, text) = f.post("/kv/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/kv/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
         vec!["1|\\x01|east", "3|\\xcc|west"]
@@ -139,8 +135,7 @@ async fn apply_and_get_tx_commit_and_roll_back_with_the_request() {
         kv_row(1, "\\\\x01", "east", T1, None, "1.0"),
         kv_row(2, "\\\\x02", "west", T1, None, "1.0"),
     ]);
-    let (status, text) = f.post("/apply_tx/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/apply_tx/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v FROM kv ORDER BY k").await,
         vec!["1|\\x01"]
@@ -191,8 +186,7 @@ async fn merge_functions_reach_the_dlq() {
         kv_row(2, "\\\\x02", "east", T1, None, "7.0"),
         kv_row(3, "\\\\x03", "east", T1, None, "7.0"),
     ]);
-    let (status, text) = f.post("/custom_merge/public", body).await;
-    assert_eq!(status, 200, "{text}");
+    f.post_ok("/custom_merge/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
         vec!["1|\\xaa|west", "2|\\x02|merged", "3|\\xaa|west"]

@@ -76,6 +76,13 @@ impl Fixture {
         (r.status().as_u16(), r.text().await.unwrap_or_default())
     }
 
+    /// POSTs `body` and asserts the receiver answered 200 (showing its
+    /// answer when it did not).
+    pub async fn post_ok(&self, path: &str, body: impl Into<reqwest::Body>) {
+        let (status, text) = self.post(path, body).await;
+        assert_eq!(status, 200, "{text}");
+    }
+
     /// The rows of a query, each as one text line (for byte-for-byte comparison).
     pub async fn dump(&self, sql: &str) -> Vec<String> {
         self.db
