@@ -345,7 +345,9 @@
     let sharedKey = null;
     // f: the row shape's maker (null: the document travels whole);
     // width: how many entries of `a` the document takes.
-    let shape, del, table, nanos, logical, nk, f, width;
+    // ro: what the called function was proved not to do (READ_ONLY_*);
+    // same: the unchanged-document check it needs (null: no shape).
+    let shape, del, table, nanos, logical, nk, f, width, ro, same;
     while (o < a.length) {
       // -2: the same header as the previous row.
       if (a[o] === -2) o += 1;
@@ -361,8 +363,9 @@
         width = shape >= 0 ? shapes[shape].length : 1;
         o += 5;
         sharedMeta = sharedKeyed = null;
+        ro = del ? roDeletes : roDispatch;
+        same = f === null ? null : (ro & READ_ONLY_DOC) !== 0 ? unchanged : f.same;
       }
-      const ro = del ? roDeletes : roDispatch;
       let meta;
       if ((ro & READ_ONLY_META) !== 0) {
         if (nk < 0) {
@@ -401,18 +404,18 @@
           isArray((list = v[name])) &&
           list.length === 1 &&
           list[0] === doc &&
-          ((ro & READ_ONLY_DOC) !== 0 || f.same(doc, a, o))
+          same(doc, a, o)
         ) {
           let t = tables.indexOf(name);
           if (t < 0) t = tables.push(name) - 1;
           codes.push(t);
         } else {
           codes.push(-2 - results.length);
-          results.push(encodeRouted(v, doc, (ro & READ_ONLY_DOC) !== 0 ? unchanged : f.same, a, o));
+          results.push(encodeRouted(v, doc, same, a, o));
         }
       } else {
         codes.push(-2 - results.length);
-        results.push(shape >= 0 ? encodeRouted(v, doc, (ro & READ_ONLY_DOC) !== 0 ? unchanged : f.same, a, o) : v);
+        results.push(shape >= 0 ? encodeRouted(v, doc, same, a, o) : v);
       }
       o += width;
     }

@@ -20,7 +20,8 @@
 use oxc::allocator::{Allocator, CloneIn, TakeIn};
 use oxc::ast::ast::{
     Argument, ArrayExpressionElement, BinaryOperator, Expression, ExpressionStatement,
-    IdentifierName, LogicalOperator, ObjectPropertyKind, Program, PropertyKey, UnaryOperator,
+    IdentifierName, IdentifierReference, LogicalOperator, ObjectPropertyKind, Program, PropertyKey,
+    UnaryOperator,
 };
 use oxc::ast::builder::AstBuilder;
 use oxc::ast_visit::{walk_mut, VisitMut};
@@ -135,11 +136,7 @@ fn effect_free(e: &Expression<'_>) -> bool {
         Expression::CallExpression(c) => {
             let known = match &c.callee {
                 Expression::Identifier(id) => id.name == "String",
-                Expression::StaticMemberExpression(m) => {
-                    matches!(&m.object, Expression::Identifier(id) if id.name == "JSON")
-                        && m.property.name == "stringify"
-                }
-                _ => false,
+                callee => json_stringify(callee).is_some(),
             };
             known
                 && !c.optional
@@ -149,6 +146,22 @@ fn effect_free(e: &Expression<'_>) -> bool {
                 })
         }
         _ => false,
+    }
+}
+
+/// The `JSON` of a callee `JSON.stringify`, so a caller can tell whether it
+/// is the global.
+pub(super) fn json_stringify<'e, 'a>(
+    callee: &'e Expression<'a>,
+) -> Option<&'e IdentifierReference<'a>> {
+    let Expression::StaticMemberExpression(m) = callee else {
+        return None;
+    };
+    match &m.object {
+        Expression::Identifier(id) if id.name == "JSON" && m.property.name == "stringify" => {
+            Some(id)
+        }
+        _ => None,
     }
 }
 

@@ -363,13 +363,9 @@ impl<'s, 'a> Analysis<'s, 'a> {
         let AstKind::CallExpression(c) = self.nodes.kind(call) else {
             return false;
         };
-        let Expression::StaticMemberExpression(m) = &c.callee else {
-            return false;
-        };
-        let global_json = matches!(&m.object, Expression::Identifier(id)
-            if id.name == "JSON" && self.is_global(id.reference_id.get()));
+        let global_json = super::console_guard::json_stringify(&c.callee)
+            .is_some_and(|id| self.is_global(id.reference_id.get()));
         global_json
-            && m.property.name == "stringify"
             && !c.optional
             && c.arguments.len() == 1
             && matches!(c.arguments[0].as_expression(), Some(e) if e.span() == child)
