@@ -314,6 +314,20 @@ async fn deadlines_discard_old_rows() {
     assert_eq!(f.dump("SELECT k FROM kv").await, vec!["2"]);
 }
 
+/// A deadline reaching back past the calendar's start (chrono's ends at
+/// year 262143 BCE; 3,000,000,000 hours is 342,000 years) discards nothing,
+/// rather than overflowing the subtraction.
+#[tokio::test]
+async fn a_deadline_beyond_the_calendar_discards_nothing() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1"; api.configureTable("kv", { deadlines: { _timestamp: "3000000000h" } });"#,
+    );
+    let f = fixture("long_deadline", KV_SCHEMA, &["--userscript", &path]).await;
+    let body = batch(&[kv_row(1, "\\\\x01", "east", T1, None, "1.0")]);
+    f.post_ok("/long_deadline/public", body).await;
+    assert_eq!(f.dump("SELECT k FROM kv").await, vec!["1"]);
+}
+
 #[tokio::test]
 async fn bad_input_is_rejected_and_changes_nothing() {
     let (_dir, path) = script(CAS_DLQ);

@@ -729,10 +729,22 @@ fn apply_deadlines<'m>(
         return Ok(muts);
     }
     let now = chrono::Utc::now();
+    // The oldest time each column may hold. A deadline reaching before the
+    // calendar's start (`1000000y`) has no limit: no row is that old.
+    let limits: Vec<(&String, Option<chrono::DateTime<chrono::Utc>>)> = cfg
+        .deadlines
+        .iter()
+        .map(|(col, within)| {
+            let limit = chrono::Duration::from_std(*within)
+                .ok()
+                .and_then(|d| now.checked_sub_signed(d));
+            (col, limit)
+        })
+        .collect();
     let mut kept = Vec::with_capacity(muts.len());
     'rows: for m in muts {
         if let Some(after) = &m.after {
-            for (col, within) in &cfg.deadlines {
+            for &(col, limit) in &limits {
                 let Some(v) = after.get(col).filter(|v| !v.is_null()) else {
                     continue;
                 };
@@ -741,9 +753,7 @@ fn apply_deadlines<'m>(
                     column: col.clone(),
                     value: v.to_string(),
                 })?;
-                let limit =
-                    now - chrono::Duration::from_std(*within).unwrap_or(chrono::Duration::MAX);
-                if ts < limit {
+                if limit.is_some_and(|limit| ts < limit) {
                     stats.deadlined += 1;
                     continue 'rows;
                 }

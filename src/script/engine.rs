@@ -954,7 +954,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total += n * scale;
         rest = &rest[unit_end..];
     }
-    Ok(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).map_err(|_| format!("duration {s:?} is too long"))
 }
 
 struct Parsed {

@@ -591,6 +591,10 @@ fn parses_go_durations() {
     assert_eq!(parse_duration("2.5s").unwrap(), Duration::from_millis(2500));
     assert!(parse_duration("soon").is_err());
     assert!(parse_duration("10").is_err());
+    // Past what a Duration holds: an error, not a panic.
+    assert!(parse_duration("99999999999999999999h")
+        .unwrap_err()
+        .contains("too long"));
 }
 
 /// Rows cross into `dispatch` by property list and come back as "unchanged"

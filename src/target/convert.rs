@@ -310,9 +310,10 @@ impl<'a> Values<'a> {
             Values::Timestamptz(v) => put(
                 v,
                 match timestamp(&t) {
-                    Some((local, Some(offset))) => {
-                        Some((local - chrono::Duration::seconds(offset)).and_utc())
-                    }
+                    // Checked: an offset can carry a time past the calendar's end.
+                    Some((local, Some(offset))) => local
+                        .checked_sub_signed(chrono::Duration::seconds(offset))
+                        .map(|t| t.and_utc()),
                     _ => None,
                 },
             ),
