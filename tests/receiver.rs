@@ -233,6 +233,40 @@ async fn standard_merge_three_way_and_fallbacks() {
     );
 }
 
+/// With `exprs`, the stored row holds the expression's result: a merge
+/// compares `before` through the same expression and writes the merged row
+/// as it is, without applying the expression a second time.
+#[tokio::test]
+async fn standard_merge_reads_and_writes_through_exprs() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("t", { cas: ["ts"], exprs: { a: "$0 || '!'" }, merge: api.standardMerge() });"#,
+    );
+    let f = fixture(
+        "merge_exprs",
+        "CREATE TABLE t (id INT8 PRIMARY KEY, a TEXT, b TEXT, ts INT8);
+         INSERT INTO t VALUES (1, 'x!', 'b0', 20), (2, 'x!', 'b0', 20);",
+        &["--userscript", &path],
+    )
+    .await;
+    let row = |id: i64, a: &str, b: &str| {
+        format!(
+            r#"{{"after":{{"id":{id},"a":"{a}","b":"{b}","ts":10}},"before":{{"id":{id},"a":"x","b":"b0","ts":5}},"key":[{id}],"topic":"t","updated":"3.0"}}"#
+        )
+    };
+    // Row 1 changed a (stored 'x!' is the expression of before's 'x'); row 2
+    // changed b and left a as it was.
+    f.post_ok(
+        "/merge_exprs/public",
+        batch(&[row(1, "w", "b0"), row(2, "x", "b1")]),
+    )
+    .await;
+    assert_eq!(
+        f.dump("SELECT id, a, b, ts FROM t ORDER BY id").await,
+        vec!["1|w!|b0|20", "2|x!|b1|20"]
+    );
+}
+
 #[tokio::test]
 async fn typed_comparison_makes_replays_no_ops() {
     let (_dir, path) = script(CAS_DLQ);

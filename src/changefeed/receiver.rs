@@ -445,7 +445,10 @@ impl Receiver {
         )
         .await?;
 
+        // Documents as they arrive (written through the table's `exprs`),
+        // and merged rows, already in stored form (written as they are).
         let mut to_write: Vec<Document> = Vec::new();
+        let mut merged_rows: Vec<Document> = Vec::new();
         let mut for_script: Vec<(usize, Conflict)> = Vec::new();
         let mut dlq: Vec<DlqEntry> = Vec::new();
         for loser in losers {
@@ -478,7 +481,7 @@ impl Receiver {
             };
             match (&cfg.merge, merged) {
                 (None, _) => stats.dropped += 1,
-                (Some(MergeKind::Standard { .. }), ThreeWay::Merged(doc)) => to_write.push(doc),
+                (Some(MergeKind::Standard { .. }), ThreeWay::Merged(doc)) => merged_rows.push(doc),
                 (Some(MergeKind::Standard { has_fallback: true }), ThreeWay::Unmerged(cols)) => {
                     for_script.push((loser.ord, conflict(cols)))
                 }
@@ -542,8 +545,12 @@ impl Receiver {
                 }
             }
         }
-        if !to_write.is_empty() {
-            let docs: Vec<(usize, &Document)> = to_write.iter().enumerate().collect();
+        let stored_form = WriteRules {
+            exprs: Default::default(),
+            ..rules.clone()
+        };
+        for (rows, rules) in [(to_write, rules), (merged_rows, &stored_form)] {
+            let docs: Vec<(usize, &Document)> = rows.iter().enumerate().collect();
             for batch in apply::prepare(schema, &docs, rules)? {
                 stats.upserts += apply::upsert(tx, schema, &batch, &[], rules).await?.written;
             }

@@ -509,7 +509,8 @@ pub struct Loser {
 }
 
 /// Reads the stored rows for `keys` (locking them) and canonicalises the
-/// proposed and before documents through the columns' types.
+/// proposed and before documents through the columns' types and `rules`'
+/// expressions, so that all three read as stored values.
 /// `proposed` and `before` are batches over the same rows as `keys` (either
 /// may be absent).
 pub async fn fetch_losers(
@@ -561,7 +562,9 @@ pub async fn fetch_losers(
     };
     let before_expr = match before {
         Some((b, _)) if !b.columns.is_empty() => {
-            let (ba, bs) = unnest_source(schema, b, &none, "b", next);
+            // Through the same expressions as the proposed row: the stored
+            // value it is compared with was written through them.
+            let (ba, bs) = unnest_source(schema, b, rules, "b", next);
             p.extend(b.params());
             arrays.extend(ba);
             alias.push_str(&aliases("b", b.columns.len()));
