@@ -267,6 +267,37 @@ async fn standard_merge_reads_and_writes_through_exprs() {
     );
 }
 
+/// Properties collected into an `extras` column merge as that column: the
+/// proposed and before rows are read as they are written.
+#[tokio::test]
+async fn standard_merge_reads_extras_as_written() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("t", { cas: ["ts"], extras: "more", merge: api.standardMerge() });"#,
+    );
+    let setup = format!(
+        r#"{KV_SCHEMA} CREATE TABLE t (id INT8 PRIMARY KEY, a TEXT, ts INT8, more JSONB);
+         INSERT INTO t VALUES (1, 'a0', 20, '{{"c": "red"}}'), (2, 'a0', 20, '{{"c": "red"}}');"#
+    );
+    let f = fixture("merge_extras", &setup, &["--userscript", &path]).await;
+    let row = |id: i64, a: &str, c: &str| {
+        format!(
+            r#"{{"after":{{"id":{id},"a":"{a}","c":"{c}","ts":10}},"before":{{"id":{id},"a":"a0","c":"red","ts":5}},"key":[{id}],"topic":"t","updated":"3.0"}}"#
+        )
+    };
+    // Row 1 changed a, row 2 changed the extra property c.
+    f.post_ok(
+        "/merge_extras/public",
+        batch(&[row(1, "a1", "red"), row(2, "a0", "blue")]),
+    )
+    .await;
+    assert_eq!(
+        f.dump("SELECT id, a, ts, more FROM t ORDER BY id").await,
+        vec![r#"1|a1|20|{"c": "red"}"#, r#"2|a0|20|{"c": "blue"}"#]
+    );
+    assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
+}
+
 #[tokio::test]
 async fn typed_comparison_makes_replays_no_ops() {
     let (_dir, path) = script(CAS_DLQ);

@@ -368,7 +368,8 @@ impl Receiver {
                         .iter()
                         .map(|&i| (i, del_muts[i].before.row()))
                         .collect();
-                    let (cas_values, _) = batch_for_columns(schema, &befores, &cas)?;
+                    let (cas_values, _) =
+                        apply::batch_for_columns(schema, &befores, &cas, &rules, false)?;
                     let lost = apply::delete(tx, schema, &keys, &cas, &cas_values).await?;
                     stats.deletes += (known.len() - lost.len()) as u64;
                     delete_conflicts.extend(lost);
@@ -419,22 +420,15 @@ impl Receiver {
             .map(|(i, m)| (i, m.after.as_ref()))
             .collect();
         let is_delete = muts.iter().all(|m| m.is_delete());
-        let (proposed, _) = batch_for_columns(schema, &proposed_docs, columns)?;
+        let (proposed, _) =
+            apply::batch_for_columns(schema, &proposed_docs, columns, rules, false)?;
         let before_docs: Vec<(usize, Option<&Document>)> = muts
             .iter()
             .enumerate()
             .map(|(i, m)| (i, m.before.row()))
             .collect();
-        let before_cols: Vec<usize> = columns
-            .iter()
-            .copied()
-            .filter(|&c| {
-                before_docs
-                    .iter()
-                    .any(|(_, d)| d.is_some_and(|d| d.contains_key(&schema.columns[c].name)))
-            })
-            .collect();
-        let (before, has_before) = batch_for_columns(schema, &before_docs, &before_cols)?;
+        let (before, has_before) =
+            apply::batch_for_columns(schema, &before_docs, columns, rules, true)?;
         let losers = apply::fetch_losers(
             tx,
             schema,
@@ -791,34 +785,6 @@ fn parse_timestamp(v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
 
 /// Converts documents over a fixed column list (missing properties are NULL);
 /// also returns which rows had a document at all.
-fn batch_for_columns<'a>(
-    schema: &TableSchema,
-    docs: &[(usize, Option<&'a Document>)],
-    columns: &[usize],
-) -> Result<(TableBatch<'a>, Vec<bool>), ReceiveError> {
-    let mut values = apply::empty_values(schema, columns, docs.len());
-    let mut present = Vec::with_capacity(docs.len());
-    for (_, doc) in docs {
-        present.push(doc.is_some());
-        for (n, &c) in columns.iter().enumerate() {
-            let col = &schema.columns[c];
-            let v = match doc.and_then(|d| d.get(&col.name)) {
-                Some(v) => apply::convert(schema, col, v)?,
-                None => None,
-            };
-            values[n].push(v);
-        }
-    }
-    Ok((
-        TableBatch {
-            ords: docs.iter().map(|(i, _)| *i).collect(),
-            columns: columns.to_vec(),
-            values,
-        },
-        present,
-    ))
-}
-
 /// The rows of `batch` at positions `rows`.
 fn select_rows<'a>(batch: &TableBatch<'a>, rows: &[usize]) -> TableBatch<'a> {
     TableBatch {

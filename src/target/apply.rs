@@ -84,16 +84,29 @@ pub fn convert<'a>(
     })
 }
 
-/// Converts documents into batches, one per distinct set of columns (a
-/// changefeed sends every column, so there is normally one). Unknown
-/// properties are an error unless ignored or collected into `extras`.
-pub fn prepare<'a>(
-    schema: &TableSchema,
-    docs: &[(usize, &'a Document)],
-    rules: &WriteRules,
-) -> Result<Vec<TableBatch<'a>>, TargetError> {
-    let extras_idx =
-        match &rules.extras {
+/// Reads a document's properties as column values: ignored properties
+/// skipped, generated columns left out, unknown properties collected into
+/// the `extras` column (or, without one, an error when `strict`, left out
+/// otherwise).
+struct RowReader<'s> {
+    schema: &'s TableSchema,
+    rules: &'s WriteRules,
+    strict: bool,
+    extras: Option<usize>,
+    /// Wide tables: columns by name through a map rather than a scan.
+    by_name: Option<HashMap<&'s str, usize>>,
+}
+
+/// One row's values, by column index, in column order.
+type RowValues<'a> = Vec<(usize, Option<Cow<'a, str>>)>;
+
+impl<'s> RowReader<'s> {
+    fn new(
+        schema: &'s TableSchema,
+        rules: &'s WriteRules,
+        strict: bool,
+    ) -> Result<Self, TargetError> {
+        let extras = match &rules.extras {
             Some(name) => Some(schema.column(name).map(|(i, _)| i).ok_or_else(|| {
                 TargetError::UnknownColumn {
                     table: schema.name.to_string(),
@@ -102,36 +115,46 @@ pub fn prepare<'a>(
             })?),
             None => None,
         };
-    // Wide tables: find columns by name through a map rather than a scan.
-    let by_name: Option<HashMap<&str, usize>> = (schema.columns.len() > 16).then(|| {
-        schema
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.name.as_str(), i))
-            .collect()
-    });
-    let column = |prop: &str| match &by_name {
-        Some(m) => m.get(prop).map(|&i| (i, &schema.columns[i])),
-        None => schema.column(prop),
-    };
-    let mut groups: Vec<TableBatch<'a>> = Vec::new();
-    let mut by_cols: HashMap<Vec<usize>, usize> = HashMap::new();
-    let mut last_group = usize::MAX;
-    let mut row: Vec<(usize, Option<Cow<'a, str>>)> = Vec::new();
-    for &(ord, doc) in docs {
+        let by_name = (schema.columns.len() > 16).then(|| {
+            schema
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.as_str(), i))
+                .collect()
+        });
+        Ok(RowReader {
+            schema,
+            rules,
+            strict,
+            extras,
+            by_name,
+        })
+    }
+
+    fn column(&self, prop: &str) -> Option<(usize, &'s Column)> {
+        match &self.by_name {
+            Some(m) => m.get(prop).map(|&i| (i, &self.schema.columns[i])),
+            None => self.schema.column(prop),
+        }
+    }
+
+    /// Replaces `row` with `doc`'s values.
+    fn read<'a>(&self, doc: &'a Document, row: &mut RowValues<'a>) -> Result<(), TargetError> {
+        let schema = self.schema;
         row.clear();
         let mut extras = serde_json::Map::new();
         for (prop, value) in doc {
-            if rules.ignore.iter().any(|i| i == prop) {
+            if self.rules.ignore.iter().any(|i| i == prop) {
                 continue;
             }
-            match column(prop) {
+            match self.column(prop) {
                 Some((_, col)) if col.generated => continue,
                 Some((i, col)) => row.push((i, convert(schema, col, value)?)),
-                None if extras_idx.is_some() => {
+                None if self.extras.is_some() => {
                     extras.insert(prop.clone(), value.clone());
                 }
+                None if !self.strict => {}
                 None => {
                     return Err(TargetError::UnknownColumn {
                         table: schema.name.to_string(),
@@ -140,13 +163,32 @@ pub fn prepare<'a>(
                 }
             }
         }
-        if let Some(i) = extras_idx {
+        if let Some(i) = self.extras {
             if !extras.is_empty() {
                 row.retain(|(c, _)| *c != i);
                 row.push((i, Some(Cow::Owned(Value::Object(extras).to_string()))));
             }
         }
         row.sort_by_key(|(i, _)| *i);
+        Ok(())
+    }
+}
+
+/// Converts documents into batches, one per distinct set of columns (a
+/// changefeed sends every column, so there is normally one). Unknown
+/// properties are an error unless ignored or collected into `extras`.
+pub fn prepare<'a>(
+    schema: &TableSchema,
+    docs: &[(usize, &'a Document)],
+    rules: &WriteRules,
+) -> Result<Vec<TableBatch<'a>>, TargetError> {
+    let reader = RowReader::new(schema, rules, true)?;
+    let mut groups: Vec<TableBatch<'a>> = Vec::new();
+    let mut by_cols: HashMap<Vec<usize>, usize> = HashMap::new();
+    let mut last_group = usize::MAX;
+    let mut row: RowValues<'a> = Vec::new();
+    for &(ord, doc) in docs {
+        reader.read(doc, &mut row)?;
         for &pk in &schema.pk {
             if !row.iter().any(|(i, v)| *i == pk && v.is_some()) {
                 return Err(TargetError::MissingKey {
@@ -177,6 +219,52 @@ pub fn prepare<'a>(
         }
     }
     Ok(groups)
+}
+
+/// Converts documents (`None`: no row) into one batch over `columns`, read
+/// as [`prepare`] reads them; a column a document lacks is NULL. With
+/// `present_only`, the batch keeps only the columns some document has.
+/// Also returns which documents were present. These rows are compared, not
+/// written: a property that matches no column is left out, not an error.
+pub fn batch_for_columns<'a>(
+    schema: &TableSchema,
+    docs: &[(usize, Option<&'a Document>)],
+    columns: &[usize],
+    rules: &WriteRules,
+    present_only: bool,
+) -> Result<(TableBatch<'a>, Vec<bool>), TargetError> {
+    let reader = RowReader::new(schema, rules, false)?;
+    let mut rows: Vec<RowValues<'a>> = Vec::with_capacity(docs.len());
+    for (_, doc) in docs {
+        let mut row = Vec::new();
+        if let Some(doc) = doc {
+            reader.read(doc, &mut row)?;
+        }
+        rows.push(row);
+    }
+    let columns: Vec<usize> = columns
+        .iter()
+        .copied()
+        .filter(|&c| !present_only || rows.iter().flatten().any(|(i, _)| *i == c))
+        .collect();
+    let mut values = empty_values(schema, &columns, docs.len());
+    for row in &mut rows {
+        for (n, &c) in columns.iter().enumerate() {
+            let v = row
+                .iter_mut()
+                .find(|(i, _)| *i == c)
+                .and_then(|(_, v)| v.take());
+            values[n].push(v);
+        }
+    }
+    Ok((
+        TableBatch {
+            ords: docs.iter().map(|(i, _)| *i).collect(),
+            columns,
+            values,
+        },
+        docs.iter().map(|(_, d)| d.is_some()).collect(),
+    ))
 }
 
 /// Builds the primary-key-only batch that identifies rows to delete.
