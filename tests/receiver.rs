@@ -328,6 +328,36 @@ async fn duplicate_keys_fold_to_highest_updated() {
     );
 }
 
+/// One key in several spellings is one row: `3` and `"3"` of an int8 key,
+/// `3.5`, `3.50` and `"35e-1"` of a numeric one. The versions fold as for
+/// one spelling (else the upsert would touch the row twice and fail).
+#[tokio::test]
+async fn duplicate_keys_fold_across_spellings() {
+    let setup = format!("{KV_SCHEMA} CREATE TABLE nk (n NUMERIC PRIMARY KEY, v TEXT);");
+    let f = fixture("dup_spellings", &setup, &[]).await;
+    let row = |k: &str, v: &str, updated: &str| {
+        format!(
+            r#"{{"after":{{"k":{k},"v":"\\x{v}","_source":"east","_timestamp":"{T1}"}},"key":[{k}],"topic":"kv","updated":"{updated}"}}"#
+        )
+    };
+    let num = |n: &str, v: &str, updated: &str| {
+        format!(
+            r#"{{"after":{{"n":{n},"v":"{v}"}},"key":[{n}],"topic":"nk","updated":"{updated}"}}"#
+        )
+    };
+    let body = batch(&[
+        row("3", "01", "10.0"),
+        row(r#""3""#, "02", "20.0"),
+        row("3", "03", "15.0"),
+        num("3.5", "a", "10.0"),
+        num(r#""35e-1""#, "b", "30.0"),
+        num("3.50", "c", "20.0"),
+    ]);
+    f.post_ok("/dup_spellings/public", body).await;
+    assert_eq!(f.dump("SELECT k, v FROM kv").await, vec!["3|\\x02"]);
+    assert_eq!(f.dump("SELECT n, v FROM nk").await, vec!["3.5|b"]);
+}
+
 #[tokio::test]
 async fn deletes_with_and_without_conflict() {
     let (_dir, path) = script(CAS_DLQ);

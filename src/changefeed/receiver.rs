@@ -5,10 +5,13 @@
 //! deadlines → one database transaction: compare-and-set upserts and deletes,
 //! losers through the table's merge → DLQ | apply | drop → commit.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use bigdecimal::BigDecimal;
 use deadpool_postgres::Transaction;
 use foldhash::HashMapExt;
 use serde_json::Value;
@@ -22,6 +25,7 @@ use crate::script::{
 };
 use crate::target::apply::{self, DlqEntry, TableBatch, WriteRules};
 use crate::target::merge::{three_way, ThreeWay};
+use crate::target::schema::Kind;
 use crate::target::{TableSchema, Target, TargetError};
 
 /// Why a request was not applied. Mapped to an HTTP status in `server::error`.
@@ -614,13 +618,13 @@ fn writable_columns(schema: &TableSchema) -> Vec<usize> {
 
 /// The primary key of a mutation: its `after`, else its `key`, else its `before`.
 fn key_of(schema: &TableSchema, m: &Mutation) -> Result<Vec<Value>, ReceiveError> {
-    key_ref(schema, m).map(|k| k.0.into_iter().cloned().collect())
+    key_ref(schema, m).map(|k| k.values.into_iter().cloned().collect())
 }
 
 /// Several versions of one key in a request fold to the one with the highest
 /// `updated` (then the last), so each key is written once.
 fn fold_duplicates<'m>(
-    schema: &TableSchema,
+    schema: &'m TableSchema,
     muts: Vec<&'m Mutation>,
 ) -> Result<Vec<&'m Mutation>, ReceiveError> {
     if muts.len() < 2 {
@@ -651,13 +655,24 @@ fn fold_duplicates<'m>(
 }
 
 /// A mutation's primary key by reference (its `after`, else its `key`, else
-/// its `before`), hashed
-/// and compared as JSON values without serialising them.
-struct KeyRef<'a>(SmallVec<[&'a Value; 2]>);
+/// its `before`), hashed and compared by [`key_text`] without serialising.
+struct KeyRef<'a> {
+    values: SmallVec<[&'a Value; 2]>,
+    schema: &'a TableSchema,
+}
+
+impl KeyRef<'_> {
+    fn texts(&self) -> impl Iterator<Item = Cow<'_, str>> {
+        self.values
+            .iter()
+            .zip(self.schema.pk_columns())
+            .map(|(v, c)| key_text(v, matches!(c.kind, Kind::Integer | Kind::Number)))
+    }
+}
 
 impl PartialEq for KeyRef<'_> {
     fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
+        self.values == other.values || self.texts().eq(other.texts())
     }
 }
 
@@ -665,48 +680,48 @@ impl Eq for KeyRef<'_> {}
 
 impl std::hash::Hash for KeyRef<'_> {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        for v in &self.0 {
-            hash_value(v, state);
+        for t in self.texts() {
+            t.hash(state);
         }
     }
 }
 
-/// Hashes a JSON value consistently with its `==` (objects compare without
-/// regard to order, so only their size is hashed).
-fn hash_value<H: std::hash::Hasher>(v: &Value, state: &mut H) {
-    use std::hash::Hash;
-    match v {
-        Value::Null => 0u8.hash(state),
-        Value::Bool(b) => (1u8, *b).hash(state),
-        Value::Number(n) => (2u8, n).hash(state),
-        Value::String(s) => (3u8, s.as_str()).hash(state),
-        Value::Array(a) => {
-            (4u8, a.len()).hash(state);
-            for x in a {
-                hash_value(x, state);
-            }
+/// A key value as the column reads it, so that spellings of one key are one
+/// key: a string is its content (`"3"` is the integer `3`, as the column's
+/// input function reads it), a number in a numeric column is its value
+/// (`3.50` is `3.5`, `35e-1` too), anything else its JSON text.
+fn key_text(v: &Value, numeric: bool) -> Cow<'_, str> {
+    let text = match v {
+        Value::String(s) => s.as_str(),
+        Value::Number(n) => n.as_str(),
+        other => return Cow::Owned(other.to_string()),
+    };
+    if numeric && text.contains(['.', 'e', 'E']) {
+        if let Ok(d) = BigDecimal::from_str(text.trim()) {
+            return Cow::Owned(d.normalized().to_string());
         }
-        Value::Object(o) => (5u8, o.len()).hash(state),
     }
+    Cow::Borrowed(text)
 }
 
-fn key_ref<'a>(schema: &TableSchema, m: &'a Mutation) -> Result<KeyRef<'a>, ReceiveError> {
+fn key_ref<'a>(schema: &'a TableSchema, m: &'a Mutation) -> Result<KeyRef<'a>, ReceiveError> {
     let from_doc = |d: &'a Document| -> Option<SmallVec<[&'a Value; 2]>> {
         schema
             .pk_columns()
             .map(|c| d.get(&c.name).filter(|v| !v.is_null()))
             .collect()
     };
+    let key = |values| KeyRef { values, schema };
     if let Some(k) = m.after.as_ref().and_then(from_doc) {
-        return Ok(KeyRef(k));
+        return Ok(key(k));
     }
     if let Some(k) = &m.key {
         if k.len() == schema.pk.len() {
-            return Ok(KeyRef(k.iter().collect()));
+            return Ok(key(k.iter().collect()));
         }
     }
     if let Some(k) = m.before.row().and_then(from_doc) {
-        return Ok(KeyRef(k));
+        return Ok(key(k));
     }
     Err(TargetError::MissingKey {
         table: schema.name.to_string(),
