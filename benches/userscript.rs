@@ -155,6 +155,7 @@ fn main() {
                 ApplyOp::Upsert {
                     data: m.after.unwrap(),
                     before: None,
+                    updated: Some(m.updated),
                 }
             })
             .collect();

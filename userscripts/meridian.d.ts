@@ -93,6 +93,12 @@ declare module "replicator@v1" {
     ) & {
         /** The row before the change, when the changefeed sent it. */
         before?: Document;
+        /**
+         * `schema`, `table`, and the change's time: `updated` exactly (the
+         * changefeed's "nanos.logical" text) and `nanos`, `logical` as
+         * numbers. Pass the op (or its `meta`) on to `getTX().apply` and a
+         * row that loses reaches the DLQ with its own time.
+         */
         meta: Document;
         /** Primary key values, in key order. */
         pk: DocumentValue[];

@@ -814,10 +814,12 @@ fn to_op(m: &Mutation) -> Result<ApplyOp, ReceiveError> {
         Some(after) => ApplyOp::Upsert {
             data: after.clone(),
             before: m.before.row().cloned(),
+            updated: Some(m.updated),
         },
         None => ApplyOp::Delete {
             pk: m.key.clone().unwrap_or_default(),
             before: m.before.row().cloned(),
+            updated: Some(m.updated),
         },
     })
 }
@@ -828,6 +830,8 @@ struct TxBridge<'a, 't> {
     tx: &'a Transaction<'t>,
     schema: Arc<TableSchema>,
     cfg: &'a TableConfig,
+    /// The time of an op that carries none (one the script made up): the
+    /// newest of the request.
     updated: Hlc,
     stats: &'a mut TableStats,
     /// The first error that aborted the transaction.
@@ -880,19 +884,27 @@ impl ScriptTx for TxBridge<'_, '_> {
         let muts: Vec<Mutation> = ops
             .into_iter()
             .map(|op| match op {
-                ApplyOp::Upsert { data, before } => Mutation {
+                ApplyOp::Upsert {
+                    data,
+                    before,
+                    updated,
+                } => Mutation {
                     topic: None,
                     key: None,
                     after: Some(data),
                     before: before.map(Before::Row).unwrap_or(Before::Absent),
-                    updated: self.updated,
+                    updated: updated.unwrap_or(self.updated),
                 },
-                ApplyOp::Delete { pk, before } => Mutation {
+                ApplyOp::Delete {
+                    pk,
+                    before,
+                    updated,
+                } => Mutation {
                     topic: None,
                     key: Some(pk),
                     after: None,
                     before: before.map(Before::Row).unwrap_or(Before::Absent),
-                    updated: self.updated,
+                    updated: updated.unwrap_or(self.updated),
                 },
             })
             .collect();

@@ -536,8 +536,12 @@ impl Engine {
                 let mut meta = Map::new();
                 meta.insert("table".into(), table.table.clone().into());
                 meta.insert("schema".into(), table.schema.clone().into());
-                let before = match op {
-                    ApplyOp::Upsert { data, before } => {
+                let (before, updated) = match op {
+                    ApplyOp::Upsert {
+                        data,
+                        before,
+                        updated,
+                    } => {
                         o.insert("action".into(), "upsert".into());
                         let pk = primary
                             .iter()
@@ -550,14 +554,24 @@ impl Engine {
                             .collect();
                         o.insert("pk".into(), Value::Array(pk));
                         o.insert("data".into(), Value::Object(data));
-                        before
+                        (before, updated)
                     }
-                    ApplyOp::Delete { pk, before } => {
+                    ApplyOp::Delete {
+                        pk,
+                        before,
+                        updated,
+                    } => {
                         o.insert("action".into(), "delete".into());
                         o.insert("pk".into(), Value::Array(pk));
-                        before
+                        (before, updated)
                     }
                 };
+                if let Some(t) = updated {
+                    // `updated` exactly, as text: nanos do not fit a JS number.
+                    meta.insert("updated".into(), t.to_string().into());
+                    meta.insert("nanos".into(), t.nanos.into());
+                    meta.insert("logical".into(), t.logical.into());
+                }
                 if let Some(b) = before {
                     o.insert("before".into(), Value::Object(b));
                 }
@@ -635,8 +649,9 @@ async fn serve_tx(
     }
 }
 
-/// Reads one `getTX().apply` operation: `{action: "upsert", data, before?}`
-/// or `{action: "delete", pk: [...], before?}`.
+/// Reads one `getTX().apply` operation: `{action: "upsert", data, before?,
+/// meta?}` or `{action: "delete", pk: [...], before?, meta?}`; the change's
+/// time comes from `meta.updated`, as the op handed to `apply` carried it.
 fn parse_op(v: Value) -> Result<ApplyOp, String> {
     let Value::Object(mut o) = v else {
         return Err(format!(
@@ -648,13 +663,31 @@ fn parse_op(v: Value) -> Result<ApplyOp, String> {
         Some(Value::Object(b)) => Some(b),
         _ => None,
     };
+    let updated = match o.get("meta").and_then(|m| m.get("updated")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(t.parse().map_err(|e| format!("apply: meta.updated: {e}"))?),
+        Some(other) => {
+            return Err(format!(
+                "apply: meta.updated must be the string the op came with, not {}",
+                short(other)
+            ))
+        }
+    };
     match o.get("action").and_then(Value::as_str) {
         Some("upsert") => match o.remove("data") {
-            Some(Value::Object(data)) => Ok(ApplyOp::Upsert { data, before }),
+            Some(Value::Object(data)) => Ok(ApplyOp::Upsert {
+                data,
+                before,
+                updated,
+            }),
             _ => Err("apply: an upsert needs data: {column: value, ...}".to_string()),
         },
         Some("delete") => match o.remove("pk") {
-            Some(Value::Array(pk)) => Ok(ApplyOp::Delete { pk, before }),
+            Some(Value::Array(pk)) => Ok(ApplyOp::Delete {
+                pk,
+                before,
+                updated,
+            }),
             _ => Err("apply: a delete needs pk: [key values]".to_string()),
         },
         _ => Err("apply: action must be \"upsert\" or \"delete\"".to_string()),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::changefeed::{Document, Mutation};
+use crate::changefeed::{Document, Hlc, Mutation};
 
 pub use crate::target::name::{split_ident, TableName};
 
@@ -128,14 +128,18 @@ pub enum MergeOutcome {
 
 /// One operation handed to a script's `apply` function or to `getTX().apply`.
 #[derive(Debug, Clone, PartialEq)]
+/// `updated` is the change's time: a script passes it on in the op's
+/// `meta`, and an op a script made up has none.
 pub enum ApplyOp {
     Upsert {
         data: Document,
         before: Option<Document>,
+        updated: Option<Hlc>,
     },
     Delete {
         pk: Vec<Value>,
         before: Option<Document>,
+        updated: Option<Hlc>,
     },
 }
 

@@ -524,14 +524,17 @@ fn apply_services_get_tx_through_the_caller() {
         ApplyOp::Upsert {
             data: json!({"k": 1, "v": "a"}).as_object().unwrap().clone(),
             before: None,
+            updated: None,
         },
         ApplyOp::Upsert {
             data: json!({"k": 2, "v": "skip"}).as_object().unwrap().clone(),
             before: None,
+            updated: None,
         },
         ApplyOp::Delete {
             pk: vec![json!(3)],
             before: None,
+            updated: None,
         },
     ];
     let mut tx = FakeTx::default();
@@ -550,6 +553,7 @@ fn apply_services_get_tx_through_the_caller() {
     let ops = vec![ApplyOp::Upsert {
         data: json!({"k": 1, "v": "reject"}).as_object().unwrap().clone(),
         before: None,
+        updated: None,
     }];
     let mut tx = FakeTx::default();
     match rt().block_on(s.apply(&t, ops.clone(), &mut tx)) {
@@ -826,6 +830,7 @@ api.configureTable("kv", {
     let op = |v: &str| ApplyOp::Upsert {
         data: json!({"k": 1, "v": v}).as_object().unwrap().clone(),
         before: None,
+        updated: None,
     };
     let rt = rt();
     for i in 0..3 {
