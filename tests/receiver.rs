@@ -384,6 +384,43 @@ async fn deletes_with_and_without_conflict() {
     );
 }
 
+/// `deleteKey: [columns]`: a delete's key finds rows by those columns
+/// instead of the primary key, with and without compare-and-set.
+#[tokio::test]
+async fn delete_key_columns_find_the_rows() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("plain", { deleteKey: ["ext"] });
+        api.configureTable("cas", { deleteKey: ["ext"], cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "cas" })) });"#,
+    );
+    let mut setup = String::from(KV_SCHEMA);
+    for t in ["plain", "cas"] {
+        setup.push_str(&format!(
+            "CREATE TABLE {t} (id INT8 PRIMARY KEY, ext TEXT UNIQUE, ts INT8);
+             INSERT INTO {t} VALUES (1, 'a', 5), (2, 'b', 9);"
+        ));
+    }
+    let f = fixture("delete_key", &setup, &["--userscript", &path]).await;
+    let del = |t: &str, id: i64, ext: &str| {
+        format!(
+            r#"{{"after":null,"before":{{"id":{id},"ext":"{ext}","ts":5}},"key":["{ext}"],"topic":"{t}","updated":"20.0"}}"#
+        )
+    };
+    let body = batch(&[
+        del("plain", 2, "b"),
+        del("cas", 1, "a"), // stored ts 5, not newer than before: deleted
+        del("cas", 2, "b"), // stored ts 9, newer: a conflict, to the DLQ
+    ]);
+    f.post_ok("/delete_key/public", body).await;
+    assert_eq!(f.dump("SELECT id FROM plain").await, vec!["1"]);
+    assert_eq!(f.dump("SELECT id FROM cas").await, vec!["2"]);
+    assert_eq!(
+        f.dump("SELECT dlq_name, data_before->>'ext' FROM cdc_sink_dlq")
+            .await,
+        vec!["cas|b"]
+    );
+}
+
 #[tokio::test]
 async fn deletes_without_cas_remove_rows() {
     let f = fixture("plain_deletes", KV_SCHEMA, &[]).await;

@@ -120,8 +120,10 @@ declare module "replicator@v1" {
         /** Drop rows whose column is older than now minus the duration. */
         deadlines: { [k: Column]: Duration };
         /**
-         * Columns that identify a row for deletes, or a function that maps
-         * a delete's key (return null to skip the delete).
+         * Columns that identify a row for deletes: a delete's key (or, when
+         * its length differs, its `before` row's values of these columns)
+         * finds the rows with those values, instead of the primary key. Or a
+         * function that maps a delete's key (return null to skip the delete).
          */
         deleteKey: Column[] | ((key: DocumentValue[], meta: Document) => DocumentValue[] | null);
         /** SQL expressions for columns; `$0` is the incoming value. */

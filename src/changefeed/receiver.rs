@@ -260,7 +260,7 @@ impl Receiver {
                 .cloned()
                 .unwrap_or_default();
             let mut stats = TableStats::default();
-            let muts = fold_duplicates(&schema, muts.iter().collect())?;
+            let muts = fold_duplicates(&schema, &cfg, muts.iter().collect())?;
             let muts = apply_deadlines(&schema, &cfg, muts, &mut stats)?;
             if cfg.has_apply {
                 let ops = muts
@@ -345,6 +345,8 @@ impl Receiver {
         }
 
         // Deletes: a delete whose row never existed at the source is dropped.
+        // Rows are found by primary key, or by the columns of `deleteKey`.
+        let key_columns = delete_key_columns(schema, cfg)?;
         let mut del: Vec<(usize, Vec<Value>)> = Vec::new();
         let mut del_muts: Vec<&Mutation> = Vec::new();
         for &m in &deletes {
@@ -352,12 +354,17 @@ impl Receiver {
                 stats.dropped += 1;
                 continue;
             }
-            del.push((del_muts.len(), key_of(schema, m)?));
+            let key = match &key_columns {
+                Some(columns) => delete_key_of(schema, columns, m)?,
+                None => key_of(schema, cfg, m)?,
+            };
+            del.push((del_muts.len(), key));
             del_muts.push(m);
         }
         let mut delete_conflicts: Vec<usize> = Vec::new();
         if !del.is_empty() {
-            let keys = apply::prepare_keys(schema, &del)?;
+            let columns = key_columns.as_deref().unwrap_or(&schema.pk);
+            let keys = apply::prepare_keys(schema, &del, columns)?;
             if cas.is_empty() {
                 apply::delete(tx, schema, &keys, &[], &keys).await?;
                 stats.deletes += del.len() as u64;
@@ -415,9 +422,9 @@ impl Receiver {
         let keys: Vec<(usize, Vec<Value>)> = muts
             .iter()
             .enumerate()
-            .map(|(i, m)| key_of(schema, m).map(|k| (i, k)))
+            .map(|(i, m)| key_of(schema, cfg, m).map(|k| (i, k)))
             .collect::<Result<_, _>>()?;
-        let keys = apply::prepare_keys(schema, &keys)?;
+        let keys = apply::prepare_keys(schema, &keys, &schema.pk)?;
         let proposed_docs: Vec<(usize, Option<&Document>)> = muts
             .iter()
             .enumerate()
@@ -617,14 +624,72 @@ fn writable_columns(schema: &TableSchema) -> Vec<usize> {
 }
 
 /// The primary key of a mutation: its `after`, else its `key`, else its `before`.
-fn key_of(schema: &TableSchema, m: &Mutation) -> Result<Vec<Value>, ReceiveError> {
-    key_ref(schema, m).map(|k| k.values.into_iter().cloned().collect())
+/// The columns of a table's `deleteKey: [columns]`, when it has one.
+fn delete_key_columns(
+    schema: &TableSchema,
+    cfg: &TableConfig,
+) -> Result<Option<Vec<usize>>, ReceiveError> {
+    if cfg.delete_key.is_empty() {
+        return Ok(None);
+    }
+    cfg.delete_key
+        .iter()
+        .map(|name| {
+            schema.column(name).map(|(i, _)| i).ok_or_else(|| {
+                TargetError::UnknownColumn {
+                    table: schema.name.to_string(),
+                    column: name.clone(),
+                }
+                .into()
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// A delete's values for `columns` (a `deleteKey`): its `key` when that has
+/// one value per column, else its `before` row's values of those columns.
+fn delete_key_of(
+    schema: &TableSchema,
+    columns: &[usize],
+    m: &Mutation,
+) -> Result<Vec<Value>, ReceiveError> {
+    if let Some(k) = m.key.as_ref().filter(|k| k.len() == columns.len()) {
+        return Ok(k.clone());
+    }
+    columns
+        .iter()
+        .map(|&c| {
+            let name = &schema.columns[c].name;
+            m.before
+                .row()
+                .and_then(|b| b.get(name))
+                .filter(|v| !v.is_null())
+                .cloned()
+                .ok_or_else(|| {
+                    TargetError::MissingKey {
+                        table: schema.name.to_string(),
+                        column: name.clone(),
+                    }
+                    .into()
+                })
+        })
+        .collect()
+}
+
+fn key_of(
+    schema: &TableSchema,
+    cfg: &TableConfig,
+    m: &Mutation,
+) -> Result<Vec<Value>, ReceiveError> {
+    key_ref(schema, cfg, m).map(|k| k.values.into_iter().cloned().collect())
 }
 
 /// Several versions of one key in a request fold to the one with the highest
 /// `updated` (then the last), so each key is written once.
 fn fold_duplicates<'m>(
     schema: &'m TableSchema,
+    cfg: &TableConfig,
     muts: Vec<&'m Mutation>,
 ) -> Result<Vec<&'m Mutation>, ReceiveError> {
     if muts.len() < 2 {
@@ -641,7 +706,7 @@ fn fold_duplicates<'m>(
             out.push(m);
             continue;
         }
-        let key = key_ref(schema, m)?;
+        let key = key_ref(schema, cfg, m)?;
         match index.get(&key) {
             Some(&i) if out[i].updated > m.updated => {}
             Some(&i) => out[i] = m,
@@ -656,6 +721,7 @@ fn fold_duplicates<'m>(
 
 /// A mutation's primary key by reference (its `after`, else its `key`, else
 /// its `before`), hashed and compared by [`key_text`] without serialising.
+/// A delete's `key` is not its primary key when the table has a `deleteKey`.
 struct KeyRef<'a> {
     values: SmallVec<[&'a Value; 2]>,
     schema: &'a TableSchema,
@@ -704,7 +770,11 @@ fn key_text(v: &Value, numeric: bool) -> Cow<'_, str> {
     Cow::Borrowed(text)
 }
 
-fn key_ref<'a>(schema: &'a TableSchema, m: &'a Mutation) -> Result<KeyRef<'a>, ReceiveError> {
+fn key_ref<'a>(
+    schema: &'a TableSchema,
+    cfg: &TableConfig,
+    m: &'a Mutation,
+) -> Result<KeyRef<'a>, ReceiveError> {
     let from_doc = |d: &'a Document| -> Option<SmallVec<[&'a Value; 2]>> {
         schema
             .pk_columns()
@@ -715,7 +785,11 @@ fn key_ref<'a>(schema: &'a TableSchema, m: &'a Mutation) -> Result<KeyRef<'a>, R
     if let Some(k) = m.after.as_ref().and_then(from_doc) {
         return Ok(key(k));
     }
-    if let Some(k) = &m.key {
+    if let Some(k) = m
+        .key
+        .as_ref()
+        .filter(|_| m.after.is_some() || cfg.delete_key.is_empty())
+    {
         if k.len() == schema.pk.len() {
             return Ok(key(k.iter().collect()));
         }
@@ -908,8 +982,8 @@ impl ScriptTx for TxBridge<'_, '_> {
                 },
             })
             .collect();
-        let muts =
-            fold_duplicates(&self.schema, muts.iter().collect()).map_err(|e| e.to_string())?;
+        let muts = fold_duplicates(&self.schema, self.cfg, muts.iter().collect())
+            .map_err(|e| e.to_string())?;
         let done = self
             .receiver
             .apply_standard(self.tx, &self.schema, self.cfg, muts, self.stats)

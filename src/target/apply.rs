@@ -267,23 +267,25 @@ pub fn batch_for_columns<'a>(
     ))
 }
 
-/// Builds the primary-key-only batch that identifies rows to delete.
+/// Builds the batch of key values that identifies rows: over the primary
+/// key, or over the columns a table's `deleteKey` names.
 pub fn prepare_keys<'a>(
     schema: &TableSchema,
     keys: &'a [(usize, Vec<Value>)],
+    columns: &[usize],
 ) -> Result<TableBatch<'a>, TargetError> {
-    let mut values = empty_values(schema, &schema.pk, keys.len());
+    let mut values = empty_values(schema, columns, keys.len());
     for (_, key) in keys {
-        if key.len() != schema.pk.len() {
+        if key.len() != columns.len() {
             return Err(TargetError::MissingKey {
                 table: schema.name.to_string(),
-                column: schema.columns[schema.pk[key.len().min(schema.pk.len() - 1)]]
+                column: schema.columns[columns[key.len().min(columns.len() - 1)]]
                     .name
                     .clone(),
             });
         }
-        for (k, &pk) in schema.pk.iter().enumerate() {
-            let col = &schema.columns[pk];
+        for (k, &c) in columns.iter().enumerate() {
+            let col = &schema.columns[c];
             let text = convert(schema, col, &key[k])?;
             if text.is_none() {
                 return Err(TargetError::MissingKey {
@@ -296,7 +298,7 @@ pub fn prepare_keys<'a>(
     }
     Ok(TableBatch {
         ords: keys.iter().map(|(o, _)| *o).collect(),
-        columns: schema.pk.clone(),
+        columns: columns.to_vec(),
         values,
     })
 }
@@ -345,10 +347,14 @@ fn aliases(prefix: &str, n: usize) -> String {
 }
 
 fn pk_match(schema: &TableSchema, left: &str, right: &str) -> String {
-    schema
-        .pk_columns()
-        .map(|c| {
-            let q = quote_ident(&c.name);
+    columns_match(schema, &schema.pk, left, right)
+}
+
+fn columns_match(schema: &TableSchema, columns: &[usize], left: &str, right: &str) -> String {
+    columns
+        .iter()
+        .map(|&c| {
+            let q = quote_ident(&schema.columns[c].name);
             format!("{left}.{q} = {right}.{q}")
         })
         .collect::<Vec<_>>()
@@ -508,10 +514,11 @@ pub async fn upsert(
     })
 }
 
-/// Deletes the rows `keys` identifies. With CAS, a row is deleted only when
-/// the stored CAS tuple is not newer than the one in `cas_values` (the
-/// delete's `before`); returns caller ordinals of rows that exist and were
-/// kept (conflicts).
+/// Deletes the rows `keys` identifies (by its columns: the primary key or a
+/// `deleteKey`). With CAS, a row is deleted only when the stored CAS tuple
+/// is not newer than the one in `cas_values` (the delete's `before`);
+/// returns caller ordinals of keys whose rows exist and were kept
+/// (conflicts).
 pub async fn delete(
     tx: &Transaction<'_>,
     schema: &TableSchema,
@@ -523,7 +530,7 @@ pub async fn delete(
     let (key_arrays, key_select) = unnest_source(schema, keys, &rules, "k", 2);
     let ords: Vec<i32> = (0..keys.len() as i32).collect();
     let mut p = params(&ords, keys);
-    let pk = pk_match(schema, "cur", "u");
+    let pk = columns_match(schema, &keys.columns, "cur", "u");
     let sql = if cas.is_empty() {
         format!(
             "WITH u AS (SELECT u.mrd_o, {} FROM unnest($1::int4[], {}) AS u(mrd_o{})) \
@@ -565,12 +572,12 @@ pub async fn delete(
             aliases("k", keys.columns.len()),
             aliases("x", cas.len()),
             tuple(schema, "cur", cas),
-            schema
-                .pk_columns()
-                .map(|c| format!("cur.{}", quote_ident(&c.name)))
+            keys.columns
+                .iter()
+                .map(|&c| format!("cur.{}", quote_ident(&schema.columns[c].name)))
                 .collect::<Vec<_>>()
                 .join(", "),
-            pk_match(schema, "d", "u"),
+            columns_match(schema, &keys.columns, "d", "u"),
             t = table_ref(schema),
         )
     };
