@@ -212,6 +212,9 @@ api.configureSource("failures.public", {
     if (d.v === "dGhyb3c=") throw new TypeError("cannot route " + d.k);
     if (d.v === "bG9vcA==") { for (;;) {} }
     if (d.v === "b29t") { const a: string[] = []; for (;;) a.push("y".repeat(65536) + a.length); }
+    // Not routes: JSON would carry both as {} and drop the row unseen.
+    if (d.v === "UHJvbWlzZQ==") return Promise.resolve({ [meta.table as string]: [doc] });
+    if (d.v === "TWFw") return new Map([[meta.table as string, [doc]]]);
     return { [meta.table as string]: [doc] };
   },
   deletesTo: "",
@@ -245,6 +248,8 @@ async fn each_failure_fails_only_its_request() {
         ("dGhyb3c=", 400, "TypeError: cannot route 101"),
         ("bG9vcA==", 503, "timed out"),
         ("b29t", 400, "out of memory"),
+        ("UHJvbWlzZQ==", 400, "returned a Promise (dispatch must not be async)"),
+        ("TWFw", 400, "returned a Map for row 1"),
     ];
     for (i, (mode, code, needle)) in cases.iter().enumerate() {
         let (status, text) = f.post("/failures/public", bad(mode)).await;
@@ -262,7 +267,7 @@ async fn each_failure_fails_only_its_request() {
         let (status, text) = f.post("/failures/public", good(i as i64)).await;
         assert_eq!(status, 200, "after {mode}: {text}");
     }
-    assert_eq!(f.count("SELECT count(*) FROM kv").await, 3);
+    assert_eq!(f.count("SELECT count(*) FROM kv").await, 5);
 }
 
 #[tokio::test]

@@ -281,6 +281,23 @@
     return p === ObjectProto || p === null;
   }
 
+  // A dispatch result JSON would carry as {} or drop (a Promise, a Map, a
+  // class instance without toJSON, a function) would lose its rows without
+  // a word: it fails the batch, naming what came back.
+  function routable(v, key, row) {
+    let what;
+    if (typeof v === "function") what = "a function";
+    else if (v === null || typeof v !== "object" || isArray(v) || isPlain(v) || typeof v.toJSON === "function") return v;
+    else {
+      const c = v.constructor;
+      const name = typeof c === "function" && typeof c.name === "string" && c.name !== "" ? c.name : "Object";
+      what = name === "Promise" ? "a Promise (dispatch must not be async)" : "a " + name;
+    }
+    throw new TypeError(
+      "dispatch for source " + key + " returned " + what + " for row " + row + "; expected {table: [documents]} or null"
+    );
+  }
+
   // A dispatch result with each document that is the row's own, unchanged,
   // replaced by 0 and every other one wrapped as [document].
   function encodeRouted(v, doc, same, a, o) {
@@ -415,7 +432,7 @@
         }
       } else {
         codes.push(-2 - results.length);
-        results.push(shape >= 0 ? encodeRouted(v, doc, same, a, o) : v);
+        results.push(routable(shape >= 0 ? encodeRouted(v, doc, same, a, o) : v, key, codes.length - 1));
       }
       o += width;
     }
