@@ -490,6 +490,18 @@ impl Worker {
             )),
             rquickjs::Error::Exception => {
                 let v = ctx.catch();
+                // A heap at its limit can leave no room for the "out of
+                // memory" error itself: QuickJS then throws nothing (null).
+                // A script's own `throw null` reads the same; both restart
+                // the runtime, and the message says which it may be.
+                if v.is_null() || v.is_undefined() {
+                    return ScriptError::OutOfMemory(format!(
+                        "{}: the script threw {} (what an allocation at the heap's limit of {} bytes leaves)",
+                        self.program.entry,
+                        if v.is_null() { "null" } else { "undefined" },
+                        self.limits.memory_bytes
+                    ));
+                }
                 let (text, stack) = describe_thrown(ctx, &v);
                 if text.contains("out of memory") {
                     return ScriptError::OutOfMemory(format!(
