@@ -248,7 +248,11 @@ async fn each_failure_fails_only_its_request() {
         ("dGhyb3c=", 400, "TypeError: cannot route 101"),
         ("bG9vcA==", 503, "timed out"),
         ("b29t", 400, "out of memory"),
-        ("UHJvbWlzZQ==", 400, "returned a Promise (dispatch must not be async)"),
+        (
+            "UHJvbWlzZQ==",
+            400,
+            "returned a Promise (dispatch must not be async)",
+        ),
         ("TWFw", 400, "returned a Map for row 1"),
     ];
     for (i, (mode, code, needle)) in cases.iter().enumerate() {
@@ -268,6 +272,35 @@ async fn each_failure_fails_only_its_request() {
         assert_eq!(status, 200, "after {mode}: {text}");
     }
     assert_eq!(f.count("SELECT count(*) FROM kv").await, 5);
+}
+
+/// JavaScript numbers are doubles. Values a script passes through unchanged
+/// (an int8 key past 2^53 as CockroachDB's unique_rowid() makes, a numeric
+/// of 24 digits, numbers inside jsonb) reach the table exactly, through a
+/// dispatch and a map that both return new objects; a number the script
+/// computes is the script's own.
+#[tokio::test]
+async fn numbers_passed_through_a_script_stay_exact() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureSource("exact.public", {
+          dispatch: (doc: any, meta) => ({ [meta.table as string]: [{ ...doc, note: "seen" }] }),
+          deletesTo: "",
+        });
+        api.configureTable("big", { map: (doc: any) => ({ ...doc, half: doc.id / 2 }) });"#,
+    );
+    let f = fixture(
+        "exact",
+        "CREATE TABLE big (id INT8 PRIMARY KEY, n NUMERIC, j JSONB, note TEXT, half FLOAT8)",
+        &["--userscript", &path],
+    )
+    .await;
+    let body = r#"{"payload":[{"after":{"id":9007199254740993,"n":3.14159265358979323846264,"j":{"id":1234567890123456789,"xs":[9007199254740995,1.5]}},"key":[9007199254740993],"topic":"big","updated":"1.0"}],"length":1}"#;
+    f.post_ok("/exact/public", body).await;
+    assert_eq!(
+        f.dump("SELECT id, n, j->>'id', j->'xs', note, half FROM big").await,
+        vec!["9007199254740993|3.14159265358979323846264|1234567890123456789|[9007199254740995, 1.5]|seen|4.503599627370496e+15"]
+    );
 }
 
 #[tokio::test]

@@ -324,7 +324,12 @@ impl Engine {
                         }
                     };
                     match d {
-                        Value::Object(doc) => targets.push((table.clone(), Some(doc))),
+                        Value::Object(mut doc) => {
+                            if let Some(own) = m.after.as_ref().or(m.before.row()) {
+                                restore_exact_numbers(&mut doc, own);
+                            }
+                            targets.push((table.clone(), Some(doc)))
+                        }
                         other => return Err(bad(&format!("a non-document {}", short(&other)))),
                     }
                 }
@@ -402,7 +407,10 @@ impl Engine {
             }
             match (results.next().unwrap_or(Value::Null), m.after.is_some()) {
                 (Value::Null, _) => {}
-                (Value::Object(doc), true) => {
+                (Value::Object(mut doc), true) => {
+                    if let Some(own) = &m.after {
+                        restore_exact_numbers(&mut doc, own);
+                    }
                     m.after = Some(doc);
                     out.push(m);
                 }
@@ -725,6 +733,38 @@ fn topic_of<'a>(default_table: Option<&'a str>, m: &'a Mutation) -> Result<&'a s
                 .to_string(),
         )
     })
+}
+
+/// JavaScript numbers are doubles: an integer past 2^53 (CockroachDB's
+/// `unique_rowid()` keys, snowflake ids) or a numeric of many digits comes
+/// back from a script rounded. Where a returned number has the same double
+/// as the row's own number at the same place (same property, same array
+/// index), the script passed it through: its exact text is put back. A
+/// number the script computed differs from the original and is left alone.
+fn restore_exact_numbers(returned: &mut Map<String, Value>, own: &Map<String, Value>) {
+    fn restore(r: &mut Value, o: &Value) {
+        match (r, o) {
+            // Equal text (nearly every number) needs no parse.
+            (Value::Number(rn), Value::Number(on))
+                if rn.as_str() != on.as_str()
+                    && rn.as_f64().is_some_and(|f| on.as_f64() == Some(f)) =>
+            {
+                *rn = on.clone();
+            }
+            (Value::Object(r), Value::Object(o)) => restore_exact_numbers(r, o),
+            (Value::Array(r), Value::Array(o)) => {
+                for (r, o) in r.iter_mut().zip(o) {
+                    restore(r, o);
+                }
+            }
+            _ => {}
+        }
+    }
+    for (k, r) in returned.iter_mut() {
+        if let Some(o) = own.get(k) {
+            restore(r, o);
+        }
+    }
 }
 
 /// Gives a row the document dispatch routed it with (`None`: its own,
