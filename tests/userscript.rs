@@ -303,6 +303,30 @@ async fn numbers_passed_through_a_script_stay_exact() {
     );
 }
 
+/// A merge function's `{apply: doc}` built from the conflict's rows keeps
+/// their numbers exact: a key past 2^53 names the stored row, not its
+/// rounded neighbour.
+#[tokio::test]
+async fn numbers_passed_through_a_merge_stay_exact() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("big", { cas: ["ts"], merge: (op: any) => ({ apply: { ...op.proposed, ts: op.target.ts } }) });"#,
+    );
+    let f = fixture(
+        "exact_merge",
+        "CREATE TABLE big (id INT8 PRIMARY KEY, a TEXT, ts INT8);
+         INSERT INTO big VALUES (9007199254740993, 'a0', 20);",
+        &["--userscript", &path],
+    )
+    .await;
+    let body = r#"{"payload":[{"after":{"id":9007199254740993,"a":"a1","ts":10},"key":[9007199254740993],"topic":"big","updated":"1.0"}],"length":1}"#;
+    f.post_ok("/exact_merge/public", body).await;
+    assert_eq!(
+        f.dump("SELECT id, a, ts FROM big").await,
+        vec!["9007199254740993|a1|20"]
+    );
+}
+
 #[tokio::test]
 async fn a_script_that_does_not_compile_stops_start() {
     let (_dir, path) = script("import * as api from \"replicator@v1\";\napi.configureTable(\"kv\", {\n  cas: [\"_timestamp\"\n});\n");

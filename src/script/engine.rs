@@ -495,10 +495,20 @@ impl Engine {
         }
         results
             .into_iter()
-            .map(|r| {
+            .zip(&conflicts)
+            .map(|(r, c)| {
                 let outcome = match &r {
                     Value::Object(o) if o.len() == 1 => match o.iter().next() {
-                        Some((k, Value::Object(doc))) if k == "apply" => Some(MergeOutcome::Apply(doc.clone())),
+                        Some((k, Value::Object(doc))) if k == "apply" => {
+                            // Numbers passed through from either side stay
+                            // exact; the stored row's reading wins a tie.
+                            let mut doc = doc.clone();
+                            if let Some(p) = &c.proposed {
+                                restore_exact_numbers(&mut doc, p);
+                            }
+                            restore_exact_numbers(&mut doc, &c.target);
+                            Some(MergeOutcome::Apply(doc))
+                        }
                         Some((k, Value::String(name))) if k == "dlq" && !name.is_empty() => {
                             Some(MergeOutcome::Dlq(name.clone()))
                         }
