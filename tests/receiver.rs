@@ -298,6 +298,40 @@ async fn standard_merge_reads_extras_as_written() {
     assert_eq!(f.count("SELECT count(*) FROM cdc_sink_dlq").await, 0);
 }
 
+/// Quoted names that look like SQL (` AS ` inside a column name) reach the
+/// conflict path's statements intact.
+#[tokio::test]
+async fn conflicts_on_columns_named_like_sql() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("odd", { cas: ["ts AS of"], merge: api.standardMerge(() => ({ dlq: "odd" })) });"#,
+    );
+    let setup = format!(
+        r#"{KV_SCHEMA} CREATE TABLE odd ("my AS key" INT8 PRIMARY KEY, v TEXT, "ts AS of" INT8);
+         INSERT INTO odd VALUES (1, 'stored', 20), (2, 'stored', 5);"#
+    );
+    let f = fixture("odd_names", &setup, &["--userscript", &path]).await;
+    let row = |k: i64, v: &str| {
+        format!(
+            r#"{{"after":{{"my AS key":{k},"v":"{v}","ts AS of":10}},"before":{{"my AS key":{k},"v":"older","ts AS of":1}},"key":[{k}],"topic":"odd","updated":"3.0"}}"#
+        )
+    };
+    f.post_ok(
+        "/odd_names/public",
+        batch(&[row(1, "loses"), row(2, "wins")]),
+    )
+    .await;
+    assert_eq!(
+        f.dump(r#"SELECT "my AS key", v FROM odd ORDER BY 1"#).await,
+        vec!["1|stored", "2|wins"]
+    );
+    assert_eq!(
+        f.dump("SELECT dlq_name, data_after->>'v' FROM cdc_sink_dlq")
+            .await,
+        vec!["odd|loses"]
+    );
+}
+
 #[tokio::test]
 async fn typed_comparison_makes_replays_no_ops() {
     let (_dir, path) = script(CAS_DLQ);

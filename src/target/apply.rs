@@ -313,9 +313,9 @@ fn table_ref(schema: &TableSchema) -> String {
 
 /// The arrays `$2::int8[], $3::text[], …` for `batch`'s columns (parameters
 /// numbered from `first_param`, typed as its values travel) and the typed
-/// select list `(u.c0)::bigint AS "k", …` over the aliases `u.c0, u.c1, …`.
-/// The cast is a no-op for a typed array and the server's input function
-/// for a text one.
+/// values `(u.c0)::bigint, …` over the aliases `u.c0, u.c1, …` (see
+/// [`select_list`]). The cast is a no-op for a typed array and the server's
+/// input function for a text one.
 fn unnest_source(
     schema: &TableSchema,
     batch: &TableBatch,
@@ -337,9 +337,20 @@ fn unnest_source(
             Some(expr) => format!("({})::{}", expr.replace("$0", &raw), col.sql_type),
             None => raw,
         };
-        select.push(format!("{value} AS {}", quote_ident(&col.name)));
+        select.push(value);
     }
     (arrays, select)
+}
+
+/// `values` (from [`unnest_source`]) named by `batch`'s columns:
+/// `(u.c0)::bigint AS "k", …`.
+fn select_list(schema: &TableSchema, batch: &TableBatch, values: &[String]) -> String {
+    values
+        .iter()
+        .zip(&batch.columns)
+        .map(|(v, &c)| format!("{v} AS {}", quote_ident(&schema.columns[c].name)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn aliases(prefix: &str, n: usize) -> String {
@@ -405,7 +416,7 @@ pub fn upsert_sql(
         "INSERT INTO {} AS cur ({}){overriding} SELECT {} FROM unnest({}) AS u({}) ON CONFLICT ({}) ",
         table_ref(schema),
         names.join(", "),
-        select.join(", "),
+        select_list(schema, batch, &select),
         arrays.join(", "),
         aliases("c", columns.len()).trim_start_matches(", "),
         pk.join(", "),
@@ -453,7 +464,7 @@ fn losers_sql(schema: &TableSchema, batch: &TableBatch, rules: &WriteRules) -> S
     format!(
         "WITH u AS (SELECT u.mrd_o, {} FROM unnest($1::int4[], {}) AS u(mrd_o{})) \
          SELECT u.mrd_o FROM u JOIN {} AS cur ON {} WHERE {} IS DISTINCT FROM {}",
-        select.join(", "),
+        select_list(schema, batch, &select),
         arrays.join(", "),
         aliases("c", columns.len()),
         table_ref(schema),
@@ -535,7 +546,7 @@ pub async fn delete(
         format!(
             "WITH u AS (SELECT u.mrd_o, {} FROM unnest($1::int4[], {}) AS u(mrd_o{})) \
              DELETE FROM {} AS cur USING u WHERE {pk}",
-            key_select.join(", "),
+            select_list(schema, keys, &key_select),
             key_arrays.join(", "),
             aliases("k", keys.columns.len()),
             table_ref(schema),
@@ -547,10 +558,7 @@ pub async fn delete(
         let cas_select: Vec<String> = cas_select
             .iter()
             .enumerate()
-            .map(|(n, s)| {
-                let expr = s.rsplit_once(" AS ").map(|(e, _)| e).unwrap_or(s);
-                format!("{expr} AS cas{n}")
-            })
+            .map(|(n, expr)| format!("{expr} AS cas{n}"))
             .collect();
         let cas_u = format!(
             "ROW({})",
@@ -565,7 +573,7 @@ pub async fn delete(
              d AS (DELETE FROM {t} AS cur USING u WHERE {pk} AND NOT ({} > {cas_u}) RETURNING {}) \
              SELECT u.mrd_o FROM u WHERE EXISTS (SELECT 1 FROM {t} AS cur WHERE {pk}) \
              AND NOT EXISTS (SELECT 1 FROM d WHERE {})",
-            key_select.join(", "),
+            select_list(schema, keys, &key_select),
             cas_select.join(", "),
             key_arrays.join(", "),
             cas_arrays.join(", "),
@@ -638,8 +646,7 @@ pub async fn fetch_losers(
                 .iter()
                 .position(|&c| c == pi)
                 .expect("keys hold the pk");
-            let expr = ks[n].rsplit_once(" AS ").map(|(e, _)| e).unwrap_or(&ks[n]);
-            format!("cur.{} = {expr}", quote_ident(&schema.columns[pi].name))
+            format!("cur.{} = {}", quote_ident(&schema.columns[pi].name), ks[n])
         })
         .collect::<Vec<_>>()
         .join(" AND ");
@@ -651,7 +658,10 @@ pub async fn fetch_losers(
             p.extend(b.params());
             arrays.extend(pa);
             alias.push_str(&aliases("p", b.columns.len()));
-            format!("(SELECT to_jsonb(x) FROM (SELECT {}) x)", ps.join(", "))
+            format!(
+                "(SELECT to_jsonb(x) FROM (SELECT {}) x)",
+                select_list(schema, b, &ps)
+            )
         }
         None => "NULL::jsonb".to_string(),
     };
@@ -665,7 +675,7 @@ pub async fn fetch_losers(
             alias.push_str(&aliases("b", b.columns.len()));
             format!(
                 "CASE WHEN u.hb THEN (SELECT to_jsonb(x) FROM (SELECT {}) x) END",
-                bs.join(", ")
+                select_list(schema, b, &bs)
             )
         }
         _ => "NULL::jsonb".to_string(),
