@@ -603,7 +603,12 @@ fn write_rules(cfg: &TableConfig) -> WriteRules {
 }
 
 fn cas_columns(schema: &TableSchema, cfg: &TableConfig) -> Result<Vec<usize>, ReceiveError> {
-    cfg.cas
+    column_indexes(schema, &cfg.cas)
+}
+
+/// The indexes of the columns `names` names; an unknown name is an error.
+fn column_indexes(schema: &TableSchema, names: &[String]) -> Result<Vec<usize>, ReceiveError> {
+    names
         .iter()
         .map(|name| {
             schema.column(name).map(|(i, _)| i).ok_or_else(|| {
@@ -623,7 +628,6 @@ fn writable_columns(schema: &TableSchema) -> Vec<usize> {
         .collect()
 }
 
-/// The primary key of a mutation: its `after`, else its `key`, else its `before`.
 /// The columns of a table's `deleteKey: [columns]`, when it has one.
 fn delete_key_columns(
     schema: &TableSchema,
@@ -632,19 +636,7 @@ fn delete_key_columns(
     if cfg.delete_key.is_empty() {
         return Ok(None);
     }
-    cfg.delete_key
-        .iter()
-        .map(|name| {
-            schema.column(name).map(|(i, _)| i).ok_or_else(|| {
-                TargetError::UnknownColumn {
-                    table: schema.name.to_string(),
-                    column: name.clone(),
-                }
-                .into()
-            })
-        })
-        .collect::<Result<_, _>>()
-        .map(Some)
+    column_indexes(schema, &cfg.delete_key).map(Some)
 }
 
 /// A delete's values for `columns` (a `deleteKey`): its `key` when that has
@@ -677,6 +669,7 @@ fn delete_key_of(
         .collect()
 }
 
+/// The primary key of a mutation: its `after`, else its `key`, else its `before`.
 fn key_of(
     schema: &TableSchema,
     cfg: &TableConfig,
