@@ -222,13 +222,20 @@ async fn kv_db(name: &str) -> (String, tokio_postgres::Client) {
         .await
         .unwrap();
     let db = connect(&url).await;
-    db.batch_execute(
+    sql(
+        &db,
         "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT, n NUMERIC, j JSONB, b BOOL, f FLOAT8, \
          a INT4[], ts TIMESTAMPTZ, by BYTEA); ALTER TABLE kv REPLICA IDENTITY FULL;",
     )
-    .await
-    .unwrap();
+    .await;
     (url, db)
+}
+
+/// Runs `text` (one or more statements) on `db`; a failure names the SQL.
+async fn sql(db: &tokio_postgres::Client, text: &str) {
+    if let Err(e) = db.batch_execute(text).await {
+        panic!("{text}: {e}");
+    }
 }
 
 /// A fresh `kv` database, a sink, and the options of a changefeed of its
@@ -254,22 +261,16 @@ async fn wire_format_of_insert_update_delete() {
     o.auth_token = Some("sekret".into());
     let feed = start_streaming(&db, o).await;
 
-    db.batch_execute(
-        "INSERT INTO kv VALUES (1, 'one', 12345678901234567890.000000000001, '{\"x\": [1, 2]}', true, \
-         1.5, '{1,NULL,3}', '2024-01-02 03:04:05.678901+00', '\\x0102');",
+    sql(&db, "INSERT INTO kv VALUES (1, 'one', 12345678901234567890.000000000001, '{\"x\": [1, 2]}', true, \
+         1.5, '{1,NULL,3}', '2024-01-02 03:04:05.678901+00', '\\x0102');",).await;
+    sql(
+        &db,
+        "UPDATE kv SET v = 'uno', n = 'NaN', f = 'Infinity' WHERE k = 1",
     )
-    .await
-    .unwrap();
-    db.batch_execute("UPDATE kv SET v = 'uno', n = 'NaN', f = 'Infinity' WHERE k = 1")
-        .await
-        .unwrap();
-    db.batch_execute("DELETE FROM kv WHERE k = 1")
-        .await
-        .unwrap();
+    .await;
+    sql(&db, "DELETE FROM kv WHERE k = 1").await;
     // One transaction, two rows: one `updated`.
-    db.batch_execute("BEGIN; INSERT INTO kv (k, v) VALUES (2, 'two'); INSERT INTO kv (k, v) VALUES (3, 'three'); COMMIT;")
-        .await
-        .unwrap();
+    sql(&db, "BEGIN; INSERT INTO kv (k, v) VALUES (2, 'two'); INSERT INTO kv (k, v) VALUES (3, 'three'); COMMIT;").await;
 
     let rows = sink.wait_rows(5).await;
     assert_eq!(rows.len(), 5, "{rows:#?}");
@@ -449,19 +450,13 @@ async fn server_errors_and_4xx_are_retried_not_skipped() {
     let feed = start_streaming(&db, o).await;
 
     sink.state.lock().unwrap().fail_next.extend([500, 503]);
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'a'), (2, 'b')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO kv (k, v) VALUES (1, 'a'), (2, 'b')").await;
     let rows = sink.wait_rows(2).await;
     assert_eq!(ks(&rows), [1, 2]);
 
     sink.state.lock().unwrap().fail_next.extend([400, 400, 422]);
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (3, 'c')")
-        .await
-        .unwrap();
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (4, 'd')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO kv (k, v) VALUES (3, 'c')").await;
+    sql(&db, "INSERT INTO kv (k, v) VALUES (4, 'd')").await;
     let rows = sink.wait_rows(4).await;
     assert_eq!(ks(&rows), [1, 2, 3, 4], "nothing skipped, order kept");
     {
@@ -488,16 +483,20 @@ async fn restart_resumes_without_loss_or_endless_resends() {
     let (_, db, sink, o) = kv_feed("cf_restart").await;
 
     let feed = start_streaming(&db, o.clone()).await;
-    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'first' FROM generate_series(1, 10) g")
-        .await
-        .unwrap();
+    sql(
+        &db,
+        "INSERT INTO kv (k, v) SELECT g, 'first' FROM generate_series(1, 10) g",
+    )
+    .await;
     sink.wait_rows(10).await;
     feed.stop().await;
 
     // Written while the changefeed is down.
-    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'second' FROM generate_series(11, 20) g")
-        .await
-        .unwrap();
+    sql(
+        &db,
+        "INSERT INTO kv (k, v) SELECT g, 'second' FROM generate_series(11, 20) g",
+    )
+    .await;
 
     // The sink refuses everything: nothing is acknowledged.
     sink.state.lock().unwrap().fail_all = Some(500);
@@ -539,9 +538,7 @@ async fn restart_resumes_without_loss_or_endless_resends() {
     // A fresh start after everything was acknowledged sends nothing old.
     sink.state.lock().unwrap().accepted.clear();
     let feed = start(o);
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (21, 'third')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO kv (k, v) VALUES (21, 'third')").await;
     let rows = sink.wait_rows(1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ks(&sink.rows()), [21], "{rows:?}");
@@ -561,13 +558,13 @@ async fn scan_marked(db: &tokio_postgres::Client, slot: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_scan_sends_existing_rows_before_changes() {
     let (url, db) = kv_db("cf_scan").await;
-    db.batch_execute(
+    sql(
+        &db,
         "INSERT INTO kv (k, v) SELECT g, 'v' || g FROM generate_series(1, 2500) g; \
          INSERT INTO kv VALUES (0, 'zero', 12345678901234567890.000000000001, '{\"x\": [1, 2]}', \
          true, 1.5, '{1,NULL,3}', '2024-01-02 03:04:05.678901+00', '\\x0102');",
     )
-    .await
-    .unwrap();
+    .await;
     let sink = TestSink::start().await;
     let mut o = options(&url, &["kv"], &sink);
     o.name = "cf_scan".into();
@@ -602,9 +599,11 @@ async fn initial_scan_sends_existing_rows_before_changes() {
 
     // Then the stream, above the scan: a changed row's `before` is the
     // scanned row exactly (values print the same both ways).
-    db.batch_execute("UPDATE kv SET v = 'changed' WHERE k = 7; UPDATE kv SET k = k WHERE k = 0")
-        .await
-        .unwrap();
+    sql(
+        &db,
+        "UPDATE kv SET v = 'changed' WHERE k = 7; UPDATE kv SET k = k WHERE k = 0",
+    )
+    .await;
     let rows = sink.wait_rows(2503).await;
     let changed = &rows[2501];
     assert_eq!(changed["before"]["v"], json!("v7"));
@@ -628,9 +627,7 @@ async fn initial_scan_sends_existing_rows_before_changes() {
     // A restart streams on from the slot: nothing is scanned again.
     sink.state.lock().unwrap().accepted.clear();
     let feed = start(o.clone());
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (9999, 'late')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO kv (k, v) VALUES (9999, 'late')").await;
     sink.wait_rows(1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ks(&sink.rows()), [9999]);
@@ -667,17 +664,17 @@ async fn initial_scan_sends_existing_rows_before_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_scan_no_sends_only_later_changes() {
     let (url, db) = kv_db("cf_noscan").await;
-    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'old' FROM generate_series(1, 10) g")
-        .await
-        .unwrap();
+    sql(
+        &db,
+        "INSERT INTO kv (k, v) SELECT g, 'old' FROM generate_series(1, 10) g",
+    )
+    .await;
     let sink = TestSink::start().await;
     let mut o = options(&url, &["kv"], &sink);
     o.name = "cf_noscan".into();
     o.initial_scan = false;
     let feed = start_streaming(&db, o).await;
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (11, 'new')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO kv (k, v) VALUES (11, 'new')").await;
     sink.wait_rows(1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ks(&sink.rows()), [11]);
@@ -691,9 +688,7 @@ async fn initial_scan_no_sends_only_later_changes() {
 async fn a_resent_transaction_keeps_its_updated_across_a_restart() {
     let (_, db, sink, o) = kv_feed("cf_floor").await;
     let feed = start_streaming(&db, o.clone()).await;
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'one')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO kv (k, v) VALUES (1, 'one')").await;
     sink.wait_rows(1).await;
 
     // A probe (as the changefeed writes them) carrying a time an hour ahead:
@@ -721,9 +716,7 @@ async fn a_resent_transaction_keeps_its_updated_across_a_restart() {
 
     // Row 2 is sent but never acknowledged.
     sink.state.lock().unwrap().fail_all = Some(503);
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (2, 'two')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO kv (k, v) VALUES (2, 'two')").await;
     let first_try = || {
         let s = sink.state.lock().unwrap();
         s.attempts
@@ -759,31 +752,37 @@ async fn source_crash_and_restart_loses_nothing() {
     let mut cluster = pgcluster::PgCluster::start_temp().unwrap();
     let url = cluster.create_database("kv").await.unwrap();
     let db = connect(&url).await;
-    db.batch_execute(
+    sql(
+        &db,
         "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT); ALTER TABLE kv REPLICA IDENTITY FULL",
     )
-    .await
-    .unwrap();
+    .await;
     let sink = TestSink::start().await;
     let mut o = options(&url, &["kv.public.kv"], &sink);
     o.resolved_interval = Some(Duration::from_millis(200));
     let feed = start_streaming(&db, o).await;
-    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'a' FROM generate_series(1, 100) g")
-        .await
-        .unwrap();
+    sql(
+        &db,
+        "INSERT INTO kv (k, v) SELECT g, 'a' FROM generate_series(1, 100) g",
+    )
+    .await;
     sink.wait_rows(100).await;
     // Some rows may still be in flight when the server dies.
-    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'b' FROM generate_series(101, 200) g")
-        .await
-        .unwrap();
+    sql(
+        &db,
+        "INSERT INTO kv (k, v) SELECT g, 'b' FROM generate_series(101, 200) g",
+    )
+    .await;
     drop(db);
     cluster.kill().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.restart().unwrap();
     let db = connect(&url).await;
-    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'c' FROM generate_series(201, 300) g")
-        .await
-        .unwrap();
+    sql(
+        &db,
+        "INSERT INTO kv (k, v) SELECT g, 'c' FROM generate_series(201, 300) g",
+    )
+    .await;
     let mut in_table: Vec<i64> = db
         .query("SELECT k FROM kv ORDER BY k", &[])
         .await
@@ -835,9 +834,11 @@ async fn batches_by_rows_and_large_transactions() {
     let (_, db, sink, mut o) = kv_feed("cf_batch").await;
     o.flush_rows = 100;
     let feed = start_streaming(&db, o).await;
-    db.batch_execute("INSERT INTO kv (k, v) SELECT g, 'x' FROM generate_series(1, 1000) g")
-        .await
-        .unwrap();
+    sql(
+        &db,
+        "INSERT INTO kv (k, v) SELECT g, 'x' FROM generate_series(1, 1000) g",
+    )
+    .await;
     let rows = sink.wait_rows(1000).await;
     assert_eq!(ks(&rows), (1..=1000).collect::<Vec<_>>());
     let bodies = sink.accepted();
@@ -859,9 +860,7 @@ async fn misconfigured_sources_say_what_to_fix() {
         .await
         .unwrap();
     let db = connect(&url).await;
-    db.batch_execute("CREATE TABLE plain (k INT PRIMARY KEY, v TEXT)")
-        .await
-        .unwrap();
+    sql(&db, "CREATE TABLE plain (k INT PRIMARY KEY, v TEXT)").await;
     let sink = TestSink::start().await;
     let mut o = options(&url, &["cf_checks.public.plain", "public.missing"], &sink);
     o.name = "cf_checks".into();
@@ -898,9 +897,7 @@ async fn https_sink_with_self_signed_certificate() {
         sink.addr
     );
     let feed = start_streaming(&db, o).await;
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'secure')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO kv (k, v) VALUES (1, 'secure')").await;
     let rows = sink.wait_rows(1).await;
     assert_eq!(rows[0]["after"]["v"], json!("secure"));
     feed.stop().await;
@@ -949,19 +946,15 @@ async fn setup_sql_stamps_local_writes_only() {
         .await
         .unwrap();
     let db = connect(&url).await;
-    db.batch_execute(
+    sql(
+        &db,
         "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT); INSERT INTO kv VALUES (0, 'old')",
     )
-    .await
-    .unwrap();
+    .await;
     psql_setup(&url, "east");
     psql_setup(&url, "east"); // idempotent
-    db.batch_execute("SELECT meridian_enable('kv', meridian_region())")
-        .await
-        .unwrap();
-    db.batch_execute("SELECT meridian_enable('public.kv', 'east', '1s')")
-        .await
-        .unwrap();
+    sql(&db, "SELECT meridian_enable('kv', meridian_region())").await;
+    sql(&db, "SELECT meridian_enable('public.kv', 'east', '1s')").await;
 
     // DLQ table with the seed's columns.
     let cols: Vec<(String, String)> = db
@@ -1011,30 +1004,30 @@ async fn setup_sql_stamps_local_writes_only() {
     assert_eq!(n, 1);
 
     // A local insert is stamped: region, now() + ~1s.
-    db.batch_execute(
+    sql(
+        &db,
         "INSERT INTO kv (k, v, _source, _timestamp) VALUES (1, 'local', 'west', '2000-01-01')",
     )
-    .await
-    .unwrap();
+    .await;
     assert_stamped_east(&db, 1).await;
 
     // An insert naming neither column takes the stamp from the defaults,
     // without a PL/pgSQL call; an update still calls the trigger function.
-    let calls = |sql: &'static str| {
+    let calls = |statement: &'static str| {
         let db = &db;
         async move {
             let tx = format!(
-                "BEGIN; SET LOCAL track_functions = 'pl'; {sql}; \
+                "BEGIN; SET LOCAL track_functions = 'pl'; {statement}; \
                  CREATE TEMP TABLE calls ON COMMIT DROP AS SELECT coalesce((SELECT calls \
                  FROM pg_stat_xact_user_functions WHERE funcname = 'meridian_stamp'), 0) AS n"
             );
-            db.batch_execute(&tx).await.unwrap();
+            sql(db, &tx).await;
             let n: i64 = db
                 .query_one("SELECT n FROM calls", &[])
                 .await
                 .unwrap()
                 .get(0);
-            db.batch_execute("COMMIT").await.unwrap();
+            sql(db, "COMMIT").await;
             n
         }
     };
@@ -1054,14 +1047,10 @@ async fn setup_sql_stamps_local_writes_only() {
     assert_eq!(src.as_deref(), Some("east"));
 
     // meridian's own writes keep what they came with.
-    db.batch_execute(
-        "BEGIN; SELECT set_config('meridian.applying', 'on', true); \
+    sql(&db, "BEGIN; SELECT set_config('meridian.applying', 'on', true); \
          INSERT INTO kv (k, v, _source, _timestamp) VALUES (2, 'replicated', 'west', '2001-02-03 04:05:06+00'); \
          UPDATE kv SET v = 'replicated', _source = 'west', _timestamp = '2001-02-03 04:05:06+00' WHERE k = 1; \
-         COMMIT;",
-    )
-    .await
-    .unwrap();
+         COMMIT;",).await;
     for k in [1i64, 2] {
         let row = db
             .query_one(
@@ -1075,9 +1064,7 @@ async fn setup_sql_stamps_local_writes_only() {
     }
 
     // The setting is transaction-local: the next local update is stamped again.
-    db.batch_execute("UPDATE kv SET v = 'local again' WHERE k = 2")
-        .await
-        .unwrap();
+    sql(&db, "UPDATE kv SET v = 'local again' WHERE k = 2").await;
     let src: String = db
         .query_one("SELECT _source FROM kv WHERE k = 2", &[])
         .await
@@ -1089,16 +1076,12 @@ async fn setup_sql_stamps_local_writes_only() {
     let sink = TestSink::start().await;
     let o = options(&url, &["kv"], &sink);
     let feed = start_streaming(&db, o).await;
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (3, 'fed')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO kv (k, v) VALUES (3, 'fed')").await;
     let rows = sink.wait_rows(1).await;
     assert_eq!(rows[0]["after"]["_source"], json!("east"));
     assert!(rows[0]["after"]["_timestamp"].is_string());
     feed.stop().await;
-    db.batch_execute("SELECT pg_drop_replication_slot('meridian')")
-        .await
-        .unwrap();
+    sql(&db, "SELECT pg_drop_replication_slot('meridian')").await;
 }
 
 /// An UPDATE that changes the primary key goes out as CockroachDB sends it:
@@ -1109,19 +1092,15 @@ async fn key_changing_update_is_a_delete_and_an_insert() {
     let (_, db, sink, mut o) = kv_feed("cf_pk_change").await;
     o.initial_scan = false;
     let feed = start_streaming(&db, o).await;
-    db.batch_execute(
+    sql(
+        &db,
         "INSERT INTO kv (k, v, by) VALUES (1, 'one', decode(repeat('ab', 100000), 'hex'))",
     )
-    .await
-    .unwrap();
+    .await;
     // The large bytea stays out of line and unchanged: pgoutput does not
     // resend it, and the insert of the new key must still carry it.
-    db.batch_execute("UPDATE kv SET k = 2 WHERE k = 1")
-        .await
-        .unwrap();
-    db.batch_execute("UPDATE kv SET v = 'two' WHERE k = 2")
-        .await
-        .unwrap();
+    sql(&db, "UPDATE kv SET k = 2 WHERE k = 1").await;
+    sql(&db, "UPDATE kv SET v = 'two' WHERE k = 2").await;
     let rows = sink.wait_rows(4).await;
     assert_eq!(rows.len(), 4, "{rows:#?}");
     let (del, ins) = (&rows[1], &rows[2]);
@@ -1157,13 +1136,13 @@ async fn partitioned_db(name: &str) -> (String, tokio_postgres::Client) {
         .await
         .unwrap();
     let db = connect(&url).await;
-    db.batch_execute(
+    sql(
+        &db,
         "CREATE TABLE pt (k INT8 PRIMARY KEY, v TEXT) PARTITION BY RANGE (k);
          CREATE TABLE pt_low PARTITION OF pt FOR VALUES FROM (0) TO (100);
          CREATE TABLE pt_high PARTITION OF pt FOR VALUES FROM (100) TO (200);",
     )
-    .await
-    .unwrap();
+    .await;
     (url, db)
 }
 
@@ -1173,12 +1152,12 @@ async fn partitioned_db(name: &str) -> (String, tokio_postgres::Client) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_tables_stream_through_their_root() {
     let (url, db) = partitioned_db("cf_parts").await;
-    db.batch_execute(
+    sql(
+        &db,
         "ALTER TABLE pt REPLICA IDENTITY FULL; ALTER TABLE pt_low REPLICA IDENTITY FULL;
          INSERT INTO pt VALUES (1, 'scanned');",
     )
-    .await
-    .unwrap();
+    .await;
     let sink = TestSink::start().await;
     let mut o = options(&url, &["pt"], &sink);
     o.name = "cf_parts".into();
@@ -1191,17 +1170,15 @@ async fn partitioned_tables_stream_through_their_root() {
         err.contains(r#"ALTER TABLE "public"."pt_high" REPLICA IDENTITY FULL"#),
         "{err}"
     );
-    db.batch_execute("ALTER TABLE pt_high REPLICA IDENTITY FULL")
-        .await
-        .unwrap();
+    sql(&db, "ALTER TABLE pt_high REPLICA IDENTITY FULL").await;
 
     let feed = start_streaming(&db, o).await;
     sink.wait_rows(1).await;
-    db.batch_execute(
+    sql(
+        &db,
         "INSERT INTO pt VALUES (150, 'streamed'); UPDATE pt SET v = 'moved' WHERE k = 1;",
     )
-    .await
-    .unwrap();
+    .await;
     let rows = sink.wait_rows(3).await;
     assert_eq!(rows[1]["topic"], json!("pt"));
     assert_eq!(rows[1]["key"], json!([150]));
@@ -1218,9 +1195,7 @@ async fn partitioned_tables_stream_through_their_root() {
 async fn setup_sql_enables_partitioned_tables() {
     let (url, db) = partitioned_db("cf_setup_parts").await;
     psql_setup(&url, "east");
-    db.batch_execute("SELECT meridian_enable('pt', meridian_region())")
-        .await
-        .unwrap();
+    sql(&db, "SELECT meridian_enable('pt', meridian_region())").await;
     let idents: Vec<String> = db
         .query(
             "SELECT relname || '=' || relreplident::text FROM pg_class \
@@ -1241,9 +1216,7 @@ async fn setup_sql_enables_partitioned_tables() {
     o.publication = Some("meridian".into());
     o.slot = Some("cf_setup_parts".into());
     let feed = start_streaming(&db, o).await;
-    db.batch_execute("INSERT INTO pt (k, v) VALUES (150, 'local')")
-        .await
-        .unwrap();
+    sql(&db, "INSERT INTO pt (k, v) VALUES (150, 'local')").await;
     let rows = sink.wait_rows(1).await;
     assert_eq!(rows[0]["topic"], json!("pt"));
     assert_eq!(rows[0]["after"]["_source"], json!("east"));
@@ -1260,12 +1233,12 @@ async fn resent_rows_keep_their_updated_after_a_source_crash() {
     let mut cluster = pgcluster::PgCluster::start_temp().unwrap();
     let url = cluster.create_database("kv").await.unwrap();
     let db = connect(&url).await;
-    db.batch_execute(
+    sql(
+        &db,
         "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT); ALTER TABLE kv REPLICA IDENTITY FULL; \
          INSERT INTO kv SELECT g, 'scanned' FROM generate_series(1, 10) g",
     )
-    .await
-    .unwrap();
+    .await;
     // One-row transactions commit while the slot and the scan begin.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -1321,9 +1294,11 @@ async fn resent_rows_keep_their_updated_after_a_source_crash() {
     db.batch_execute("INSERT INTO kv (k, v) VALUES (1, 'marker')")
         .await
         .unwrap_err(); // k = 1 exists: nothing new, only a failed insert
-    db.batch_execute("INSERT INTO kv (k, v) VALUES (999999, 'after the crash')")
-        .await
-        .unwrap();
+    sql(
+        &db,
+        "INSERT INTO kv (k, v) VALUES (999999, 'after the crash')",
+    )
+    .await;
     let rows = sink.wait_rows(1).await;
     assert!(
         wait_for(Duration::from_secs(30), || async {
