@@ -6,12 +6,11 @@
 //! losers through the table's merge → DLQ | apply | drop → commit.
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bigdecimal::BigDecimal;
 use deadpool_postgres::Transaction;
 use foldhash::HashMapExt;
 use serde_json::Value;
@@ -24,7 +23,7 @@ use crate::script::{
     TableConfig, TableName, Userscript,
 };
 use crate::target::apply::{self, DlqEntry, TableBatch, WriteRules};
-use crate::target::merge::{three_way, ThreeWay};
+use crate::target::merge::{decimal, three_way, ThreeWay};
 use crate::target::schema::Kind;
 use crate::target::{TableSchema, Target, TargetError};
 
@@ -646,27 +645,14 @@ fn delete_key_of(
     columns: &[usize],
     m: &Mutation,
 ) -> Result<Vec<Value>, ReceiveError> {
-    if let Some(k) = m.key.as_ref().filter(|k| k.len() == columns.len()) {
-        return Ok(k.clone());
+    match key_values(schema, columns, true, m) {
+        Ok(k) => Ok(k.into_iter().cloned().collect()),
+        Err(c) => Err(TargetError::MissingKey {
+            table: schema.name.to_string(),
+            column: schema.columns[c].name.clone(),
+        }
+        .into()),
     }
-    columns
-        .iter()
-        .map(|&c| {
-            let name = &schema.columns[c].name;
-            m.before
-                .row()
-                .and_then(|b| b.get(name))
-                .filter(|v| !v.is_null())
-                .cloned()
-                .ok_or_else(|| {
-                    TargetError::MissingKey {
-                        table: schema.name.to_string(),
-                        column: name.clone(),
-                    }
-                    .into()
-                })
-        })
-        .collect()
 }
 
 /// The primary key of a mutation: its `after`, else its `key`, else its `before`.
@@ -675,13 +661,15 @@ fn key_of(
     cfg: &TableConfig,
     m: &Mutation,
 ) -> Result<Vec<Value>, ReceiveError> {
-    key_ref(schema, cfg, m).map(|k| k.values.into_iter().cloned().collect())
+    key_values(schema, &schema.pk, key_is_pk(cfg, m), m)
+        .map(|k| k.into_iter().cloned().collect())
+        .map_err(|_| missing_pk(schema))
 }
 
 /// Several versions of one key in a request fold to the one with the highest
 /// `updated` (then the last), so each key is written once.
 fn fold_duplicates<'m>(
-    schema: &'m TableSchema,
+    schema: &TableSchema,
     cfg: &TableConfig,
     muts: Vec<&'m Mutation>,
 ) -> Result<Vec<&'m Mutation>, ReceiveError> {
@@ -690,7 +678,8 @@ fn fold_duplicates<'m>(
     }
     // foldhash: randomly seeded like std's SipHash, several times cheaper
     // per key, and this runs for every row of every request.
-    let mut index: foldhash::HashMap<KeyRef<'m>, usize> = HashMapExt::with_capacity(muts.len());
+    let mut index: foldhash::HashMap<SmallVec<[Cow<'m, str>; 2]>, usize> =
+        HashMapExt::with_capacity(muts.len());
     let mut out: Vec<&Mutation> = Vec::with_capacity(muts.len());
     for m in muts {
         // A delete of a row that never existed at the source changes nothing
@@ -699,50 +688,26 @@ fn fold_duplicates<'m>(
             out.push(m);
             continue;
         }
-        let key = key_ref(schema, cfg, m)?;
-        match index.get(&key) {
-            Some(&i) if out[i].updated > m.updated => {}
-            Some(&i) => out[i] = m,
-            None => {
-                index.insert(key, out.len());
+        let key = key_values(schema, &schema.pk, key_is_pk(cfg, m), m)
+            .map_err(|_| missing_pk(schema))?
+            .into_iter()
+            .zip(schema.pk_columns())
+            .map(|(v, c)| key_text(v, matches!(c.kind, Kind::Integer | Kind::Number)))
+            .collect();
+        match index.entry(key) {
+            Entry::Occupied(e) => {
+                let i = *e.get();
+                if out[i].updated <= m.updated {
+                    out[i] = m;
+                }
+            }
+            Entry::Vacant(e) => {
+                e.insert(out.len());
                 out.push(m);
             }
         }
     }
     Ok(out)
-}
-
-/// A mutation's primary key by reference (its `after`, else its `key`, else
-/// its `before`), hashed and compared by [`key_text`] without serialising.
-/// A delete's `key` is not its primary key when the table has a `deleteKey`.
-struct KeyRef<'a> {
-    values: SmallVec<[&'a Value; 2]>,
-    schema: &'a TableSchema,
-}
-
-impl KeyRef<'_> {
-    fn texts(&self) -> impl Iterator<Item = Cow<'_, str>> {
-        self.values
-            .iter()
-            .zip(self.schema.pk_columns())
-            .map(|(v, c)| key_text(v, matches!(c.kind, Kind::Integer | Kind::Number)))
-    }
-}
-
-impl PartialEq for KeyRef<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        self.values == other.values || self.texts().eq(other.texts())
-    }
-}
-
-impl Eq for KeyRef<'_> {}
-
-impl std::hash::Hash for KeyRef<'_> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        for t in self.texts() {
-            t.hash(state);
-        }
-    }
 }
 
 /// A key value as the column reads it, so that spellings of one key are one
@@ -756,41 +721,56 @@ fn key_text(v: &Value, numeric: bool) -> Cow<'_, str> {
         other => return Cow::Owned(other.to_string()),
     };
     if numeric && text.contains(['.', 'e', 'E']) {
-        if let Ok(d) = BigDecimal::from_str(text.trim()) {
+        if let Some(d) = decimal(text) {
             return Cow::Owned(d.normalized().to_string());
         }
     }
     Cow::Borrowed(text)
 }
 
-fn key_ref<'a>(
-    schema: &'a TableSchema,
-    cfg: &TableConfig,
+/// Whether a mutation's `key` holds its primary key: a delete's does not
+/// when the table has a `deleteKey`.
+fn key_is_pk(cfg: &TableConfig, m: &Mutation) -> bool {
+    m.after.is_some() || cfg.delete_key.is_empty()
+}
+
+/// The values of `columns` that name a mutation's row: its `after`'s, else
+/// its `key` (with `use_key`, when it has one value per column), else its
+/// `before`'s. `Err` holds the first column none of them gives.
+fn key_values<'a>(
+    schema: &TableSchema,
+    columns: &[usize],
+    use_key: bool,
     m: &'a Mutation,
-) -> Result<KeyRef<'a>, ReceiveError> {
-    let from_doc = |d: &'a Document| -> Option<SmallVec<[&'a Value; 2]>> {
-        schema
-            .pk_columns()
-            .map(|c| d.get(&c.name).filter(|v| !v.is_null()))
+) -> Result<SmallVec<[&'a Value; 2]>, usize> {
+    let from_doc = |d: &'a Document| -> Result<SmallVec<[&'a Value; 2]>, usize> {
+        columns
+            .iter()
+            .map(|&c| {
+                d.get(&schema.columns[c].name)
+                    .filter(|v| !v.is_null())
+                    .ok_or(c)
+            })
             .collect()
     };
-    let key = |values| KeyRef { values, schema };
-    if let Some(k) = m.after.as_ref().and_then(from_doc) {
-        return Ok(key(k));
+    if let Some(Ok(k)) = m.after.as_ref().map(from_doc) {
+        return Ok(k);
     }
     if let Some(k) = m
         .key
         .as_ref()
-        .filter(|_| m.after.is_some() || cfg.delete_key.is_empty())
+        .filter(|k| use_key && k.len() == columns.len())
     {
-        if k.len() == schema.pk.len() {
-            return Ok(key(k.iter().collect()));
-        }
+        return Ok(k.iter().collect());
     }
-    if let Some(k) = m.before.row().and_then(from_doc) {
-        return Ok(key(k));
+    match m.before.row() {
+        Some(d) => from_doc(d),
+        None => Err(columns[0]),
     }
-    Err(TargetError::MissingKey {
+}
+
+fn missing_pk(schema: &TableSchema) -> ReceiveError {
+    TargetError::MissingKey {
         table: schema.name.to_string(),
         column: schema
             .pk_columns()
@@ -798,7 +778,7 @@ fn key_ref<'a>(
             .map(|c| c.name.clone())
             .unwrap_or_default(),
     }
-    .into())
+    .into()
 }
 
 /// Drops upserts whose deadline column is older than now minus its duration.

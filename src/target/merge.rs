@@ -68,7 +68,7 @@ pub fn three_way(
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => {
-            x == y || decimal(x).is_some_and(|x| decimal(y) == Some(x))
+            x == y || decimal(x.as_str()).is_some_and(|x| decimal(y.as_str()) == Some(x))
         }
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
@@ -80,8 +80,9 @@ fn same(a: &Value, b: &Value) -> bool {
     }
 }
 
-fn decimal(n: &serde_json::Number) -> Option<BigDecimal> {
-    BigDecimal::from_str(&n.to_string()).ok()
+/// A number's exact value, from JSON text (`3.50`, `35e-1`, `"3.5"`).
+pub fn decimal(text: &str) -> Option<BigDecimal> {
+    BigDecimal::from_str(text.trim()).ok()
 }
 
 #[cfg(test)]
