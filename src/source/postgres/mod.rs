@@ -56,6 +56,10 @@ use crate::metrics::ChangefeedMetrics;
 use pgoutput::{Column, Datum, Message, PG_EPOCH_MICROS};
 use sink::{SendError, Sink, SinkConfig};
 
+/// How often the slot's confirmed position is reported to the server (the
+/// standby status interval), and so how often the floor is written.
+const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+
 /// The publication (and slot) name used when `--name` is not given. It is
 /// also the publication `sql/postgres/setup.sql`'s `meridian_enable` adds
 /// tables to, so the defaults line up.
@@ -670,6 +674,8 @@ struct Feed {
     /// Probe reached: its time may be sent as resolved.
     reached: Option<Hlc>,
     advanced_to: u64,
+    /// When the position was last reported (see [`STATUS_INTERVAL`]).
+    last_reported: Option<Instant>,
     /// Acknowledged through here; reported to the server as the slot's
     /// confirmed position.
     want_advance: u64,
@@ -844,6 +850,7 @@ impl Feed {
             last_probe_at: Instant::now() - Duration::from_secs(3600),
             reached: None,
             advanced_to: 0,
+            last_reported: None,
             want_advance: 0,
             pending_since: None,
             last_slot_lag: Instant::now() - Duration::from_secs(3600),
@@ -1103,7 +1110,7 @@ impl Feed {
         .with_port(port)
         .with_start_lsn(Lsn::from_u64(self.advanced_to))
         // Acknowledged positions reach the server within this.
-        .with_status_interval(Duration::from_millis(250))
+        .with_status_interval(STATUS_INTERVAL)
         .with_wakeup_interval(Duration::from_secs(5))
         .with_application_name("meridian changefeed")
         .with_options(
@@ -1701,10 +1708,17 @@ impl Feed {
         db: &tokio_postgres::Client,
         repl: &ReplicationClient,
     ) -> Result<()> {
-        if self.want_advance > self.advanced_to {
+        // The server hears the position only with the next status update, so
+        // reporting (and writing the floor, a commit on the source) more
+        // often than that would stall the stream for nothing.
+        let due = self
+            .last_reported
+            .is_none_or(|at| at.elapsed() >= STATUS_INTERVAL);
+        if self.want_advance > self.advanced_to && due {
             self.record_floor(db).await?;
             repl.update_applied_lsn(Lsn::from_u64(self.want_advance));
             self.advanced_to = self.want_advance;
+            self.last_reported = Some(Instant::now());
         }
         Ok(())
     }
