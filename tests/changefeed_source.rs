@@ -178,7 +178,7 @@ fn start(opts: ChangefeedOptions) -> Running {
 
 /// Starts a changefeed and waits until its slot streams.
 async fn start_streaming(db: &tokio_postgres::Client, opts: ChangefeedOptions) -> Running {
-    let slot = opts.slot.clone().unwrap_or_else(|| opts.name.clone());
+    let slot = opts.slot_name();
     let feed = start(opts);
     wait_slot(db, &slot).await;
     feed
