@@ -269,7 +269,7 @@
     },
   });
   function readOnlyFlags(f) {
-    return typeof f === "function" ? readOnly.get(f) | 0 : 0;
+    return readOnly.get(f) | 0;
   }
   function unchanged() {
     return true;
@@ -300,11 +300,12 @@
 
   // A dispatch result with each document that is the row's own, unchanged,
   // replaced by 0 and every other one wrapped as [document].
-  function encodeRouted(v, doc, same, a, o) {
+  // `kept`: whether the document is unchanged, when the caller already
+  // checked (undefined: not yet).
+  function encodeRouted(v, doc, same, a, o, kept) {
     if (v === undefined) return null;
     if (!isPlain(v) || typeof v.toJSON === "function") return v;
     const out = Object.create(null);
-    let kept;
     for (const t of keysOf(v)) {
       const list = v[t];
       if (!isArray(list)) {
@@ -414,21 +415,21 @@
         const ks = keysOf(v);
         const n = ks.length;
         const name = ks[0];
-        let list;
+        let list, kept;
         if (n === 0) codes.push(-1);
         else if (
           n === 1 &&
           isArray((list = v[name])) &&
           list.length === 1 &&
           list[0] === doc &&
-          same(doc, a, o)
+          (kept = same(doc, a, o))
         ) {
           let t = tables.indexOf(name);
           if (t < 0) t = tables.push(name) - 1;
           codes.push(t);
         } else {
           codes.push(-2 - results.length);
-          results.push(encodeRouted(v, doc, same, a, o));
+          results.push(encodeRouted(v, doc, same, a, o, kept));
         }
       } else {
         codes.push(-2 - results.length);

@@ -298,6 +298,8 @@ impl Engine {
                 other => return Err(bad(&short(&other))),
             };
             targets.clear();
+            // What a returned document's numbers are restored from.
+            let own = m.after.as_ref().or(m.before.row());
             for (table, docs) in map {
                 let docs = match docs {
                     Value::Null => continue,
@@ -325,7 +327,7 @@ impl Engine {
                     };
                     match d {
                         Value::Object(mut doc) => {
-                            if let Some(own) = m.after.as_ref().or(m.before.row()) {
+                            if let Some(own) = own {
                                 restore_exact_numbers(&mut doc, own);
                             }
                             targets.push((table.clone(), Some(doc)))

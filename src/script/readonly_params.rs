@@ -43,7 +43,9 @@ use oxc::ast::ast::{
 use oxc::ast::builder::AstBuilder;
 use oxc::ast::AstKind;
 use oxc::ast_visit::{walk_mut, VisitMut};
-use oxc::semantic::{AstNodes, NodeId, Scoping, Semantic, SemanticBuilder, SymbolId};
+use oxc::semantic::{
+    AstNodes, IsGlobalReference, NodeId, Scoping, Semantic, SemanticBuilder, SymbolId,
+};
 use oxc::span::{GetSpan, Span};
 
 /// The function never changes `doc` in place and keeps it only in its result.
@@ -364,15 +366,11 @@ impl<'s, 'a> Analysis<'s, 'a> {
             return false;
         };
         let global_json = super::console_guard::json_stringify(&c.callee)
-            .is_some_and(|id| self.is_global(id.reference_id.get()));
+            .is_some_and(|id| id.is_global_reference(self.scoping));
         global_json
             && !c.optional
             && c.arguments.len() == 1
             && matches!(c.arguments[0].as_expression(), Some(e) if e.span() == child)
-    }
-
-    fn is_global(&self, reference: Option<oxc::semantic::ReferenceId>) -> bool {
-        reference.is_some_and(|r| self.scoping.get_reference(r).symbol_id().is_none())
     }
 
     /// The array literal at `array` (holding `doc`) goes only into the
