@@ -310,7 +310,7 @@ impl Receiver {
         stats: &mut TableStats,
     ) -> Result<(), ReceiveError> {
         let rules = write_rules(cfg);
-        let cas = cas_columns(schema, cfg)?;
+        let cas = column_indexes(schema, &cfg.cas)?;
         let now = now_nanos();
         let (upserts, deletes): (Vec<&Mutation>, Vec<&Mutation>) =
             muts.into_iter().partition(|m| !m.is_delete());
@@ -549,11 +549,15 @@ impl Receiver {
                 }
             }
         }
-        let stored_form = WriteRules {
+        let stored_form = (!merged_rows.is_empty()).then(|| WriteRules {
             exprs: Default::default(),
             ..rules.clone()
-        };
-        for (rows, rules) in [(to_write, rules), (merged_rows, &stored_form)] {
+        });
+        let groups = [(to_write, Some(rules)), (merged_rows, stored_form.as_ref())];
+        for (rows, rules) in groups {
+            let Some(rules) = rules.filter(|_| !rows.is_empty()) else {
+                continue;
+            };
             let docs: Vec<(usize, &Document)> = rows.iter().enumerate().collect();
             for batch in apply::prepare(schema, &docs, rules)? {
                 stats.upserts += apply::upsert(tx, schema, &batch, &[], rules).await?.written;
@@ -599,10 +603,6 @@ fn write_rules(cfg: &TableConfig) -> WriteRules {
         extras: cfg.extras.clone(),
         exprs: cfg.exprs.clone(),
     }
-}
-
-fn cas_columns(schema: &TableSchema, cfg: &TableConfig) -> Result<Vec<usize>, ReceiveError> {
-    column_indexes(schema, &cfg.cas)
 }
 
 /// The indexes of the columns `names` names; an unknown name is an error.
@@ -845,8 +845,6 @@ fn parse_timestamp(v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
     None
 }
 
-/// Converts documents over a fixed column list (missing properties are NULL);
-/// also returns which rows had a document at all.
 /// The rows of `batch` at positions `rows`.
 fn select_rows<'a>(batch: &TableBatch<'a>, rows: &[usize]) -> TableBatch<'a> {
     TableBatch {

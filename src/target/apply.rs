@@ -86,12 +86,15 @@ pub fn convert<'a>(
 
 /// Reads a document's properties as column values: ignored properties
 /// skipped, generated columns left out, unknown properties collected into
-/// the `extras` column (or, without one, an error when `strict`, left out
-/// otherwise).
+/// the `extras` column. A reader for writing (`only: None`) reads every
+/// property, and one matching no column (without `extras`) is an error; a
+/// reader for comparing reads only the columns `only` marks and leaves the
+/// rest out.
 struct RowReader<'s> {
     schema: &'s TableSchema,
     rules: &'s WriteRules,
-    strict: bool,
+    /// By column index: the columns to read (`None`: all, strictly).
+    only: Option<Vec<bool>>,
     extras: Option<usize>,
     /// Wide tables: columns by name through a map rather than a scan.
     by_name: Option<HashMap<&'s str, usize>>,
@@ -104,7 +107,7 @@ impl<'s> RowReader<'s> {
     fn new(
         schema: &'s TableSchema,
         rules: &'s WriteRules,
-        strict: bool,
+        only: Option<&[usize]>,
     ) -> Result<Self, TargetError> {
         let extras = match &rules.extras {
             Some(name) => Some(schema.column(name).map(|(i, _)| i).ok_or_else(|| {
@@ -123,10 +126,19 @@ impl<'s> RowReader<'s> {
                 .map(|(i, c)| (c.name.as_str(), i))
                 .collect()
         });
+        let only = only.map(|cols| {
+            let mut mask = vec![false; schema.columns.len()];
+            for &c in cols {
+                mask[c] = true;
+            }
+            mask
+        });
+        // Extras are gathered only when their column is read.
+        let extras = extras.filter(|&i| only.as_ref().is_none_or(|m| m[i]));
         Ok(RowReader {
             schema,
             rules,
-            strict,
+            only,
             extras,
             by_name,
         })
@@ -150,11 +162,12 @@ impl<'s> RowReader<'s> {
             }
             match self.column(prop) {
                 Some((_, col)) if col.generated => continue,
+                Some((i, _)) if self.only.as_ref().is_some_and(|m| !m[i]) => continue,
                 Some((i, col)) => row.push((i, convert(schema, col, value)?)),
                 None if self.extras.is_some() => {
                     extras.insert(prop.clone(), value.clone());
                 }
-                None if !self.strict => {}
+                None if self.only.is_some() => {}
                 None => {
                     return Err(TargetError::UnknownColumn {
                         table: schema.name.to_string(),
@@ -182,7 +195,7 @@ pub fn prepare<'a>(
     docs: &[(usize, &'a Document)],
     rules: &WriteRules,
 ) -> Result<Vec<TableBatch<'a>>, TargetError> {
-    let reader = RowReader::new(schema, rules, true)?;
+    let reader = RowReader::new(schema, rules, None)?;
     let mut groups: Vec<TableBatch<'a>> = Vec::new();
     let mut by_cols: HashMap<Vec<usize>, usize> = HashMap::new();
     let mut last_group = usize::MAX;
@@ -233,27 +246,32 @@ pub fn batch_for_columns<'a>(
     rules: &WriteRules,
     present_only: bool,
 ) -> Result<(TableBatch<'a>, Vec<bool>), TargetError> {
-    let reader = RowReader::new(schema, rules, false)?;
+    let reader = RowReader::new(schema, rules, Some(columns))?;
     let mut rows: Vec<RowValues<'a>> = Vec::with_capacity(docs.len());
+    let mut present = vec![false; schema.columns.len()];
     for (_, doc) in docs {
         let mut row = Vec::new();
         if let Some(doc) = doc {
             reader.read(doc, &mut row)?;
+        }
+        for (i, _) in &row {
+            present[*i] = true;
         }
         rows.push(row);
     }
     let columns: Vec<usize> = columns
         .iter()
         .copied()
-        .filter(|&c| !present_only || rows.iter().flatten().any(|(i, _)| *i == c))
+        .filter(|&c| !present_only || present[c])
         .collect();
     let mut values = empty_values(schema, &columns, docs.len());
     for row in &mut rows {
         for (n, &c) in columns.iter().enumerate() {
+            // `read` leaves a row sorted by column.
             let v = row
-                .iter_mut()
-                .find(|(i, _)| *i == c)
-                .and_then(|(_, v)| v.take());
+                .binary_search_by_key(&c, |(i, _)| *i)
+                .ok()
+                .and_then(|k| row[k].1.take());
             values[n].push(v);
         }
     }
@@ -355,10 +373,6 @@ fn select_list(schema: &TableSchema, batch: &TableBatch, values: &[String]) -> S
 
 fn aliases(prefix: &str, n: usize) -> String {
     (0..n).map(|i| format!(", {prefix}{i}")).collect()
-}
-
-fn pk_match(schema: &TableSchema, left: &str, right: &str) -> String {
-    columns_match(schema, &schema.pk, left, right)
 }
 
 fn columns_match(schema: &TableSchema, columns: &[usize], left: &str, right: &str) -> String {
@@ -468,7 +482,7 @@ fn losers_sql(schema: &TableSchema, batch: &TableBatch, rules: &WriteRules) -> S
         arrays.join(", "),
         aliases("c", columns.len()),
         table_ref(schema),
-        pk_match(schema, "cur", "u"),
+        columns_match(schema, &schema.pk, "cur", "u"),
         comparable("cur"),
         comparable("u"),
     )
