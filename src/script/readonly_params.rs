@@ -37,8 +37,9 @@ use std::collections::HashMap;
 
 use oxc::allocator::{Allocator, TakeIn};
 use oxc::ast::ast::{
-    Argument, AssignmentOperator, Expression, FormalParameters, FunctionType, IdentifierName,
-    NumberBase, ObjectPropertyKind, Program, PropertyKey, PropertyKind, UnaryOperator,
+    Argument, AssignmentOperator, BinaryOperator, Expression, FormalParameters, FunctionType,
+    IdentifierName, NumberBase, ObjectPropertyKind, Program, PropertyKey, PropertyKind,
+    UnaryOperator,
 };
 use oxc::ast::builder::AstBuilder;
 use oxc::ast::AstKind;
@@ -342,7 +343,9 @@ impl<'s, 'a> Analysis<'s, 'a> {
     /// The value at `child` of `parent` is looked at and then dropped.
     fn only_inspected(&self, parent: NodeId, child: Span) -> bool {
         match self.nodes.kind(parent) {
-            AstKind::BinaryExpression(_) | AstKind::ExpressionStatement(_) => true,
+            // `x instanceof K` hands `x` to K's Symbol.hasInstance.
+            AstKind::BinaryExpression(b) => b.operator != BinaryOperator::Instanceof,
+            AstKind::ExpressionStatement(_) => true,
             AstKind::UnaryExpression(u) => u.operator != UnaryOperator::Delete,
             AstKind::TemplateLiteral(_) => !matches!(
                 self.nodes.kind(self.nodes.parent_id(parent)),
@@ -559,6 +562,7 @@ mod tests {
             "doc.__defineGetter__('v', () => 1); return null;",
             "return doc || {};",
             "return { t: doc };",
+            "if (doc instanceof K) {} return null;",
         ] {
             assert_unmarked(DOC, body);
         }
@@ -577,6 +581,7 @@ mod tests {
             "return { t: [meta] };",
             "helper(meta); return null;",
             "const x = meta[doc.f]; return null;",
+            "if (meta.key instanceof K) {} return null;",
         ] {
             assert_unmarked(META, body);
         }
