@@ -491,15 +491,13 @@ impl Worker {
             rquickjs::Error::Exception => {
                 let v = ctx.catch();
                 // A heap at its limit can leave no room for the "out of
-                // memory" error itself: QuickJS then throws nothing (null).
-                // A script's own `throw null` reads the same; both restart
-                // the runtime, and the message says which it may be.
-                if v.is_null() || v.is_undefined() {
+                // memory" error itself: QuickJS then throws null. A script's
+                // own `throw null` reads the same; both restart the runtime,
+                // and the message says which it may be.
+                if v.is_null() {
                     return ScriptError::OutOfMemory(format!(
-                        "{}: the script threw {} (what an allocation at the heap's limit of {} bytes leaves)",
-                        self.program.entry,
-                        if v.is_null() { "null" } else { "undefined" },
-                        self.limits.memory_bytes
+                        "{}: the script threw null (what an allocation at the heap's limit of {} bytes leaves)",
+                        self.program.entry, self.limits.memory_bytes
                     ));
                 }
                 let (text, stack) = describe_thrown(ctx, &v);
