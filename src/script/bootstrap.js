@@ -325,8 +325,8 @@
     return out;
   }
 
-  // input: [schema, shapes, topics, times, flat], where `times` holds
-  // nanos, logical pairs and `flat` the rows one after another: a header
+  // json: [schema, shapes, topics, times], where `times` holds nanos,
+  // logical pairs; `a` (built by flat.rs) the rows one after another: a header
   // (shape, isDelete (0/1), topic, time (a pair's index), the number of key
   // values (-1: none); or -2 for the previous row's), the key values, then
   // the document: its values in the order of shapes[shape], or (shape -1)
@@ -336,22 +336,20 @@
   // unchanged document (the common case, sent as one number), and -2 - i
   // for anything else, results[i] being the result, with the row's own
   // documents encoded by encodeRouted when it was sent by shape.
-  function dispatchBatch(key, json) {
+  function dispatchBatch(key, json, a) {
     const s = reg.sources[key];
     const input = JSON.parse(json);
     const schema = input[0];
     const shapes = input[1];
     const topics = input[2];
     const times = input[3];
-    const a = input[4];
     const fns = shapes.map(maker);
     const tables = [];
     const codes = [];
     const results = [];
-    // JSON.parse yields every number as a double, and QuickJS reads an
-    // array through a double index by converting it to a property name
-    // (number to string, then an atom lookup): `| 0` keeps `o` and every
-    // index a small integer, which takes the fast array path.
+    // QuickJS reads an array through a double index by converting it to a
+    // property name (number to string, then an atom lookup): `| 0` keeps `o`
+    // and every index a small integer, which takes the fast array path.
     let o = 0;
     let held;
     const roDispatch = readOnlyFlags(s.dispatch);

@@ -1,6 +1,7 @@
 //! The engine behind [`super::Userscript`]: a small pool of threads, each with
 //! its own QuickJS runtime that loaded the same script. Calls cross into
-//! JavaScript once per batch (rows travel as one JSON string each way).
+//! JavaScript once per batch: dispatch rows as values built on the script's
+//! thread ([`FlatArray`]), everything else and every answer as JSON text.
 //! While an `apply` call runs, its `getTX()` requests come back to the async
 //! caller, which runs them on the request's transaction and replies.
 
@@ -13,13 +14,14 @@ use std::io::Write as _;
 
 use serde_json::{Map, Value};
 
-use super::runtime::{load_program, Program, TxBridge, TxKind, TxRequest, Worker};
+use super::flat::FlatArray;
+use super::runtime::{load_program, Arg, Program, TxBridge, TxKind, TxRequest, Worker};
 use super::*;
 use crate::changefeed::{Before, Mutation};
 
 struct Job {
     func: &'static str,
-    args: Vec<String>,
+    args: Vec<Arg>,
     tx: Option<TxBridge>,
     reply: tokio::sync::oneshot::Sender<Result<String, ScriptError>>,
 }
@@ -142,7 +144,7 @@ impl Engine {
         &self.config
     }
 
-    async fn run(&self, func: &'static str, args: Vec<String>) -> Result<String, ScriptError> {
+    async fn run(&self, func: &'static str, args: Vec<Arg>) -> Result<String, ScriptError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.submit(Job {
             func,
@@ -225,8 +227,12 @@ impl Engine {
 
         let simple = std::mem::take(&mut input.simple);
         let output: DispatchOutput = if input.rows > 0 {
+            let (header, flat) = input.finish();
             let out = self
-                .run("dispatchBatch", vec![written.clone(), input.finish()])
+                .run(
+                    "dispatchBatch",
+                    vec![written.clone().into(), header.into(), Arg::Flat(flat)],
+                )
                 .await?;
             serde_json::from_str(&out)
                 .map_err(|e| ScriptError::Invalid(format!("dispatch output: {e}")))?
@@ -390,7 +396,10 @@ impl Engine {
         let out = self
             .run(
                 "mapBatch",
-                vec![key.to_string(), String::from_utf8(json).unwrap_or_default()],
+                vec![
+                    key.to_string().into(),
+                    String::from_utf8(json).unwrap_or_default().into(),
+                ],
             )
             .await?;
         let results: Vec<Value> = serde_json::from_str(&out)
@@ -487,7 +496,9 @@ impl Engine {
             })
             .collect();
         let json = serde_json::to_string(&ops).map_err(|e| ScriptError::Invalid(e.to_string()))?;
-        let out = self.run("mergeBatch", vec![key.to_string(), json]).await?;
+        let out = self
+            .run("mergeBatch", vec![key.to_string().into(), json.into()])
+            .await?;
         let results: Vec<Value> = serde_json::from_str(&out)
             .map_err(|e| ScriptError::Invalid(format!("merge output: {e}")))?;
         if results.len() != conflicts.len() {
@@ -607,7 +618,7 @@ impl Engine {
         let (reply, mut answer) = tokio::sync::oneshot::channel();
         self.submit(Job {
             func: "runApply",
-            args: vec![key, json],
+            args: vec![key.into(), json.into()],
             tx: Some(TxBridge {
                 requests,
                 columns_json,
@@ -810,11 +821,11 @@ fn take_routed_document(mutation: &mut Mutation, doc: Option<Map<String, Value>>
 #[derive(Default, serde::Deserialize)]
 struct DispatchOutput(Vec<String>, Vec<i64>, Vec<Value>);
 
-/// The rows `dispatchBatch` receives, as one JSON text `[schema, shapes,
-/// topics, times, flat]`. `shapes` lists property-name lists; `times` holds
-/// one nanos, logical pair per run of rows sharing `updated` (rows of one
-/// source transaction share one, and a 19-digit number is the slowest thing
-/// `JSON.parse` reads); `flat` holds the rows
+/// The rows `dispatchBatch` receives: a JSON text `[schema, shapes, topics,
+/// times]` and a [`FlatArray`] `flat`. `shapes` lists property-name lists;
+/// `times` holds one nanos, logical pair per run of rows sharing `updated`
+/// (rows of one source transaction share one, and a 19-digit integer is no
+/// exact double); `flat` holds the rows
 /// one after another as plain values (no array per row, which QuickJS would
 /// have to build): a header (shape, isDelete (0/1), topic, time (an index
 /// into `times`), the number of key values (-1: no key); or -2 when it is the
@@ -832,9 +843,9 @@ struct DispatchInput {
     topics: Vec<String>,
     /// `updated` values seen, flattened as nanos, logical.
     times: Vec<i64>,
-    json: Vec<u8>,
+    flat: FlatArray,
     /// The last row's header: shape, isDelete, topic, time, key length.
-    last_header: Option<[i64; 5]>,
+    last_header: Option<[i32; 5]>,
     /// Rows pushed.
     rows: usize,
     /// For each row, whether it went by shape.
@@ -846,15 +857,13 @@ const MAX_SHAPES: usize = 64;
 
 impl DispatchInput {
     fn with_capacity(schema: &str, rows: usize) -> Self {
-        let mut json = Vec::with_capacity(rows * 128);
-        json.push(b'[');
         DispatchInput {
             schema: schema.to_string(),
             shapes: Vec::new(),
             last_shape: usize::MAX,
             topics: Vec::new(),
             times: Vec::new(),
-            json,
+            flat: FlatArray::with_capacity(rows * 8),
             last_header: None,
             rows: 0,
             simple: Vec::with_capacity(rows),
@@ -910,62 +919,47 @@ impl DispatchInput {
 
     /// Adds a row showing the script `doc` for mutation `m` of table `topic`.
     fn push(&mut self, doc: &Map<String, Value>, topic: &str, m: &Mutation) {
-        if self.rows > 0 {
-            self.json.push(b',');
-        }
         self.rows += 1;
         let shape = self.shape_of(doc);
         self.simple.push(shape.is_some());
         let topic = self.topic(topic);
         let time = self.time(m.updated.nanos, m.updated.logical.into());
         let key = m.key.as_deref().unwrap_or_default();
+        // Indexes into lists a request builds: far below i32::MAX.
         let header = [
-            shape.map_or(-1, |i| i as i64),
-            i64::from(m.after.is_none()),
-            topic as i64,
-            time as i64,
-            m.key.as_ref().map_or(-1, |k| k.len() as i64),
+            shape.map_or(-1, |i| i as i32),
+            i32::from(m.after.is_none()),
+            topic as i32,
+            time as i32,
+            m.key.as_ref().map_or(-1, |k| k.len() as i32),
         ];
         if self.last_header == Some(header) {
-            self.json.extend_from_slice(b"-2");
+            self.flat.push_int(-2);
         } else {
-            let [shape, del, topic, time, nk] = header;
-            let _ = write!(self.json, "{shape},{del},{topic},{time},{nk}");
+            for h in header {
+                self.flat.push_int(h);
+            }
             self.last_header = Some(header);
         }
         for v in key {
-            self.json.push(b',');
-            let _ = serde_json::to_writer(&mut self.json, v);
+            self.flat.push(v);
         }
         match shape {
             Some(_) => {
                 for v in doc.values() {
-                    self.json.push(b',');
-                    let _ = serde_json::to_writer(&mut self.json, v);
+                    self.flat.push(v);
                 }
             }
-            None => {
-                self.json.push(b',');
-                let _ = serde_json::to_writer(&mut self.json, doc);
-            }
+            None => self.flat.push_document(doc),
         }
     }
 
-    fn finish(mut self) -> String {
-        self.json.push(b']');
-        let mut out = Vec::with_capacity(self.json.len() + 256);
-        out.push(b'[');
-        let _ = serde_json::to_writer(&mut out, &self.schema);
-        out.push(b',');
-        let _ = serde_json::to_writer(&mut out, &self.shapes);
-        out.push(b',');
-        let _ = serde_json::to_writer(&mut out, &self.topics);
-        out.push(b',');
-        let _ = serde_json::to_writer(&mut out, &self.times);
-        out.push(b',');
-        out.extend_from_slice(&self.json);
-        out.push(b']');
-        String::from_utf8(out).unwrap_or_default()
+    /// The header JSON and the flat values.
+    fn finish(self) -> (String, FlatArray) {
+        let header =
+            serde_json::to_string(&(&self.schema, &self.shapes, &self.topics, &self.times))
+                .unwrap_or_default();
+        (header, self.flat)
     }
 }
 

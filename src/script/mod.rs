@@ -342,6 +342,7 @@ mod alloc;
 mod check;
 mod console_guard;
 pub(crate) mod engine;
+mod flat;
 mod readonly_params;
 mod runtime;
 mod transpile;

@@ -10,8 +10,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rquickjs::function::Args;
 use rquickjs::loader::{Loader, Resolver};
 use rquickjs::{Context, Ctx, Function, Module, Object, Persistent, Runtime, Value};
+
+use super::flat::FlatArray;
 
 use super::transpile::{transpile, Transpiled};
 use super::{Limits, ScriptError};
@@ -38,6 +41,20 @@ pub struct Program {
     pub entry: String,
     /// Modules by name (path relative to the script's folder, `/`-separated).
     pub modules: HashMap<String, Transpiled>,
+}
+
+/// One argument of a call into `bootstrap.js`.
+pub enum Arg {
+    /// A string: JSON for the entry point to parse, or a name.
+    Text(String),
+    /// Rows as values (see [`FlatArray`]).
+    Flat(FlatArray),
+}
+
+impl From<String> for Arg {
+    fn from(s: String) -> Self {
+        Arg::Text(s)
+    }
 }
 
 /// Resolves an import specifier against the importing module. `exists` says
@@ -387,7 +404,7 @@ impl Worker {
     pub fn call(
         &mut self,
         func: &str,
-        args: Vec<String>,
+        args: Vec<Arg>,
         tx: Option<TxBridge>,
     ) -> Result<String, ScriptError> {
         let level = min_level();
@@ -413,23 +430,24 @@ impl Worker {
             let f: Function = m
                 .get(func)
                 .map_err(|e| ScriptError::Invalid(e.to_string()))?;
-            let mut a: Vec<String> = args;
+            let mut a = args;
             if let Some(t) = &tx {
-                a.push(t.columns_json.clone());
-                a.push(t.schema.clone());
-                a.push(t.table.clone());
+                a.push(Arg::Text(t.columns_json.clone()));
+                a.push(Arg::Text(t.schema.clone()));
+                a.push(Arg::Text(t.table.clone()));
             }
-            a.resize(5, String::new());
-            let mut it = a.into_iter();
-            let params = (
-                it.next().unwrap(),
-                it.next().unwrap(),
-                it.next().unwrap(),
-                it.next().unwrap(),
-                it.next().unwrap(),
-            );
+            let params = || -> rquickjs::Result<Args> {
+                let mut params = Args::new(ctx.clone(), a.len());
+                for arg in &a {
+                    match arg {
+                        Arg::Text(s) => params.push_arg(s.as_str())?,
+                        Arg::Flat(f) => params.push_arg(f.to_js(&ctx)?)?,
+                    }
+                }
+                Ok(params)
+            };
             let run = || -> rquickjs::Result<String> {
-                let v: Value = f.call(params)?;
+                let v: Value = f.call_arg(params()?)?;
                 if let Some(p) = v.as_promise() {
                     loop {
                         if let Some(r) = p.result::<String>() {

@@ -1,0 +1,159 @@
+//! Values handed to JavaScript as one array, built value by value on the
+//! script's thread instead of as JSON text it would parse.
+//!
+//! A dispatch batch is mostly short scalars (keys, column values, small
+//! integer headers). Writing them as JSON and having `JSON.parse` read them
+//! back costs more than the script's own work per row; here the request's
+//! thread only copies them into a [`FlatArray`] (strings into one buffer),
+//! and [`FlatArray::to_js`] creates the JavaScript values directly. Each
+//! value comes out as `JSON.parse` would have produced it from the same
+//! JSON: objects and arrays still go through it.
+
+use rquickjs::{Array, Ctx, IntoJs, Value};
+
+/// One entry: where its value comes from.
+#[derive(Debug, Clone, Copy)]
+enum Item {
+    Null,
+    Bool(bool),
+    Int(i32),
+    Float(f64),
+    /// A string: a range of the text buffer.
+    Str(u32, u32),
+    /// An object or array: JSON text in the buffer.
+    Json(u32, u32),
+}
+
+/// An array of values under construction, sent to a script thread.
+#[derive(Debug, Default)]
+pub struct FlatArray {
+    items: Vec<Item>,
+    text: String,
+}
+
+impl FlatArray {
+    pub fn with_capacity(items: usize) -> Self {
+        FlatArray {
+            items: Vec::with_capacity(items),
+            text: String::with_capacity(items * 12),
+        }
+    }
+
+    /// Appends a small integer (a header field).
+    pub fn push_int(&mut self, n: i32) {
+        self.items.push(Item::Int(n));
+    }
+
+    fn span(&mut self, write: impl FnOnce(&mut String)) -> (u32, u32) {
+        let start = self.text.len();
+        write(&mut self.text);
+        (start as u32, self.text.len() as u32)
+    }
+
+    /// Appends a JSON value.
+    pub fn push(&mut self, v: &serde_json::Value) {
+        use serde_json::Value as J;
+        let item = match v {
+            J::Null => Item::Null,
+            J::Bool(b) => Item::Bool(*b),
+            J::Number(n) => number(n.as_str()),
+            J::String(s) => {
+                let (a, b) = self.span(|t| t.push_str(s));
+                Item::Str(a, b)
+            }
+            J::Array(_) | J::Object(_) => {
+                let (a, b) = self.span(|t| t.push_str(&v.to_string()));
+                Item::Json(a, b)
+            }
+        };
+        self.items.push(item);
+    }
+
+    /// Appends a whole document (an object).
+    pub fn push_document(&mut self, doc: &serde_json::Map<String, serde_json::Value>) {
+        let (a, b) = self.span(|t| {
+            t.push_str(&serde_json::to_string(doc).unwrap_or_default());
+        });
+        self.items.push(Item::Json(a, b));
+    }
+
+    /// The JavaScript array, created in `ctx`.
+    pub fn to_js<'js>(&self, ctx: &Ctx<'js>) -> rquickjs::Result<Array<'js>> {
+        let arr = Array::new(ctx.clone())?;
+        for (i, item) in self.items.iter().enumerate() {
+            let text = |a: u32, b: u32| &self.text[a as usize..b as usize];
+            let v: Value = match *item {
+                Item::Null => Value::new_null(ctx.clone()),
+                Item::Bool(b) => Value::new_bool(ctx.clone(), b),
+                Item::Int(n) => Value::new_int(ctx.clone(), n),
+                Item::Float(f) => Value::new_float(ctx.clone(), f),
+                Item::Str(a, b) => text(a, b).into_js(ctx)?,
+                Item::Json(a, b) => ctx.json_parse(text(a, b))?,
+            };
+            arr.set(i, v)?;
+        }
+        Ok(arr)
+    }
+}
+
+/// A JSON number as `JSON.parse` reads it: the nearest double (an integer
+/// that fits kept as one, as QuickJS does).
+fn number(text: &str) -> Item {
+    let f: f64 = text.parse().unwrap_or(f64::NAN);
+    let i = f as i32;
+    if i as f64 == f && !(f == 0.0 && f.is_sign_negative()) {
+        Item::Int(i)
+    } else {
+        Item::Float(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rquickjs::{Context, Function, Runtime};
+
+    /// Every value reaches the script exactly as `JSON.parse` gives it.
+    #[test]
+    fn values_arrive_as_json_parse_reads_them() {
+        let json = r#"[0, -0, 7, -2147483648, 2147483648, 9007199254740993, 1.5, 1e400, -1e-400,
+            3.0, "", "east", "a\"b\\c\n", "ünï 😀", "\\x01", true, false, null,
+            {"a": [1, {"b": null}], "__proto__": 1}, [], [9007199254740993]]"#;
+        let values: Vec<serde_json::Value> = serde_json::from_str(json).unwrap();
+        let mut flat = FlatArray::with_capacity(values.len());
+        for v in &values {
+            flat.push(v);
+        }
+        let doc = serde_json::json!({"k": 1, "s": "x"});
+        flat.push_document(doc.as_object().unwrap());
+        flat.push_int(-2);
+        let rt = Runtime::new().unwrap();
+        let ctx = Context::full(&rt).unwrap();
+        ctx.with(|ctx| {
+            let compare: Function = ctx
+                .eval(
+                    r#"(a, json) => {
+                        const b = JSON.parse(json);
+                        if (a.length !== b.length) return "length " + a.length + " vs " + b.length;
+                        for (let i = 0; i < b.length; i++) {
+                            const same = typeof b[i] === "object" && b[i] !== null
+                                ? JSON.stringify(a[i]) === JSON.stringify(b[i]) &&
+                                  Object.getPrototypeOf(a[i]) === Object.getPrototypeOf(b[i])
+                                : Object.is(a[i], b[i]);
+                            if (!same) return "value " + i + ": " + String(a[i]) + " vs " + String(b[i]);
+                        }
+                        return "ok";
+                    }"#,
+                )
+                .unwrap();
+            // What the JSON path sent: the values as meridian holds them.
+            let mut expected = values.clone();
+            expected.extend([doc.clone(), serde_json::json!(-2)]);
+            let expected = serde_json::to_string(&expected).unwrap();
+            let got: String = compare
+                .call((flat.to_js(&ctx).unwrap(), expected))
+                .unwrap();
+            assert_eq!(got, "ok");
+        });
+    }
+}
