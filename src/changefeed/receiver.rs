@@ -141,10 +141,22 @@ impl Receiver {
                 .with_label_values(&[schema, "(dispatch)"])
                 .inc_by(dispatched_away);
         }
-        let mut by_table: BTreeMap<TableName, Vec<Mutation>> = BTreeMap::new();
+        // Rows of one table arrive together and share one name: group them
+        // by that name's pointer first, by value only when it changes.
+        let mut groups: Vec<(Arc<TableName>, Vec<Mutation>)> = Vec::new();
         for Routed { table, mutation } in routed {
-            by_table.entry(table).or_default().push(mutation);
+            match groups.last_mut() {
+                Some((t, muts)) if Arc::ptr_eq(t, &table) => muts.push(mutation),
+                _ => match groups.iter_mut().find(|(t, _)| **t == *table) {
+                    Some((_, muts)) => muts.push(mutation),
+                    None => groups.push((table, vec![mutation])),
+                },
+            }
         }
+        let mut by_table: BTreeMap<TableName, Vec<Mutation>> = groups
+            .into_iter()
+            .map(|(t, muts)| (Arc::unwrap_or_clone(t), muts))
+            .collect();
         for (t, muts) in by_table.iter_mut() {
             if t.database != database {
                 return Err(ReceiveError::Route(format!(

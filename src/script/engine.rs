@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use super::flat::FlatArray;
 use super::runtime::{load_program, Arg, Program, TxBridge, TxKind, TxRequest, Worker};
 use super::*;
-use crate::changefeed::{Before, Mutation};
+use crate::changefeed::{Before, Document, Mutation};
 
 struct Job {
     func: &'static str,
@@ -203,7 +203,10 @@ impl Engine {
                     } else {
                         resolve(target)?
                     };
-                    Ok(Routed { table, mutation: m })
+                    Ok(Routed {
+                        table: Arc::new(table),
+                        mutation: m,
+                    })
                 })
                 .collect();
         }
@@ -242,17 +245,17 @@ impl Engine {
         let DispatchOutput(tables, codes, mut results) = output;
         let tables = tables
             .iter()
-            .map(|t| resolve(t))
+            .map(|t| resolve(t).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let mut codes = codes.into_iter();
         let mut simple = simple.into_iter();
         let mut routed = Vec::with_capacity(batch.len());
-        let mut last_table: Option<(String, TableName)> = None;
-        let mut resolve_cached = |name: &str| -> Result<TableName, ScriptError> {
+        let mut last_table: Option<(String, Arc<TableName>)> = None;
+        let mut resolve_cached = |name: &str| -> Result<Arc<TableName>, ScriptError> {
             match &last_table {
                 Some((n, t)) if n == name => Ok(t.clone()),
                 _ => {
-                    let t = resolve(name)?;
+                    let t = Arc::new(resolve(name)?);
                     last_table = Some((name.to_string(), t.clone()));
                     Ok(t)
                 }
@@ -260,7 +263,7 @@ impl Engine {
         };
         // One row's destinations: a table and a document (None: the row's
         // own document, which the script returned unchanged).
-        let mut targets: Vec<(TableName, Option<Map<String, Value>>)> = Vec::new();
+        let mut targets: Vec<(Arc<TableName>, Option<Document>)> = Vec::new();
         for (i, m) in batch.into_iter().enumerate() {
             if m.after.is_none() && !delete_fn {
                 let name = match src.deletes_to.as_deref() {

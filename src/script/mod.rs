@@ -95,7 +95,9 @@ impl ScriptConfig {
 /// A mutation routed to a table by `dispatch` (or by its topic).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routed {
-    pub table: TableName,
+    /// Shared by the rows routed to one table (a clone per row would copy
+    /// three names).
+    pub table: Arc<TableName>,
     pub mutation: Mutation,
 }
 
@@ -312,7 +314,7 @@ pub fn route_by_topic(
     batch: Vec<Mutation>,
 ) -> Result<Vec<Routed>, ScriptError> {
     // A batch usually names one table: resolve each distinct name once.
-    let mut last: Option<(String, TableName)> = None;
+    let mut last: Option<(String, Arc<TableName>)> = None;
     batch
         .into_iter()
         .map(|m| {
@@ -325,7 +327,9 @@ pub fn route_by_topic(
             let table = match &last {
                 Some((n, t)) if n == name => t.clone(),
                 _ => {
-                    let t = TableName::resolve(name, database, schema).map_err(ScriptError::Invalid)?;
+                    let t = Arc::new(
+                        TableName::resolve(name, database, schema).map_err(ScriptError::Invalid)?,
+                    );
                     last = Some((name.to_string(), t.clone()));
                     t
                 }

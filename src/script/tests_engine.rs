@@ -115,7 +115,7 @@ fn seed_scripts_drop_local_rows_and_route_the_rest() {
         .map(|r| r.mutation.key.clone().unwrap()[0].clone())
         .collect();
     assert_eq!(keys, vec![json!(1), json!(3), json!(4)]);
-    assert!(routed.iter().all(|r| r.table == kv));
+    assert!(routed.iter().all(|r| *r.table == kv));
     assert!(routed[1].mutation.is_delete());
     assert_eq!(routed[2].mutation.updated, Hlc::new(13, 0));
     assert_eq!(routed[0].mutation.after.as_ref().unwrap()["v"], json!("a"));
@@ -177,7 +177,7 @@ api.configureSource("db.t", { target: "fixed" });
         .unwrap();
     assert!(routed
         .iter()
-        .all(|r| r.table == TableName::new("db", "t", "fixed")));
+        .all(|r| *r.table == TableName::new("db", "t", "fixed")));
     assert_eq!(routed.len(), 2);
 }
 
