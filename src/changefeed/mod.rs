@@ -12,6 +12,8 @@ pub mod wire;
 pub use hlc::Hlc;
 pub use wire::{parse_body, Envelope, ParseError};
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 /// A JSON object: one row's columns by name.
@@ -21,7 +23,8 @@ pub type Document = Map<String, Value>;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mutation {
     /// The payload line's `topic` (a table name), if the changefeed sent one.
-    pub topic: Option<String>,
+    /// Shared: every row of a batch usually names the same table.
+    pub topic: Option<Arc<str>>,
     /// The primary key values, in key order, if sent.
     pub key: Option<Vec<Value>>,
     /// The new row; `None` for a delete.

@@ -2,6 +2,7 @@
 //! a resolved checkpoint (`{"resolved":"…"}`), or newline-delimited rows.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::de::IgnoredAny;
 use serde::Deserialize;
@@ -198,6 +199,7 @@ fn parse_batch_fast(body: &[u8]) -> Option<Vec<Mutation>> {
         }
     }
     let mut rows = Vec::with_capacity(payload.len());
+    let mut topics = Topics::default();
     for row in payload {
         if row.resolved.is_some() && row.updated.is_none() && row.after.is_none() {
             continue;
@@ -207,10 +209,25 @@ fn parse_batch_fast(body: &[u8]) -> Option<Vec<Mutation>> {
             after: row.after?,
             before: before(row.before),
             key: row.key,
-            topic: row.topic.map(Cow::into_owned),
+            topic: row.topic.map(|t| topics.get(&t)),
         });
     }
     Some(rows)
+}
+
+/// One shared name per distinct topic of a request.
+#[derive(Default)]
+struct Topics(Vec<Arc<str>>);
+
+impl Topics {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(t) = self.0.iter().rev().find(|t| &***t == name) {
+            return t.clone();
+        }
+        let t: Arc<str> = name.into();
+        self.0.push(t.clone());
+        t
+    }
 }
 
 fn first_line(b: &[u8]) -> &[u8] {
@@ -294,7 +311,7 @@ fn to_mutation(row: RawRow) -> Result<Mutation, String> {
     };
     let topic = match row.topic {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s),
+        Some(Value::String(s)) => Some(Arc::from(s)),
         Some(other) => return Err(format!("\"topic\" must be a string, got {other}")),
     };
     Ok(Mutation {
