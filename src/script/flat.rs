@@ -19,9 +19,9 @@ enum Item {
     Int(i32),
     Float(f64),
     /// A string: a range of the text buffer.
-    Str(u32, u32),
+    Str(usize, usize),
     /// An object or array: JSON text in the buffer.
-    Json(u32, u32),
+    Json(usize, usize),
 }
 
 /// An array of values under construction, sent to a script thread.
@@ -44,10 +44,16 @@ impl FlatArray {
         self.items.push(Item::Int(n));
     }
 
-    fn span(&mut self, write: impl FnOnce(&mut String)) -> (u32, u32) {
+    /// Copies `text` into the buffer; returns its range there.
+    fn copy(&mut self, text: &str) -> (usize, usize) {
         let start = self.text.len();
-        write(&mut self.text);
-        (start as u32, self.text.len() as u32)
+        self.text.push_str(text);
+        (start, self.text.len())
+    }
+
+    fn push_json(&mut self, json: &str) {
+        let (a, b) = self.copy(json);
+        self.items.push(Item::Json(a, b));
     }
 
     /// Appends a JSON value.
@@ -58,30 +64,25 @@ impl FlatArray {
             J::Bool(b) => Item::Bool(*b),
             J::Number(n) => number(n.as_str()),
             J::String(s) => {
-                let (a, b) = self.span(|t| t.push_str(s));
+                let (a, b) = self.copy(s);
                 Item::Str(a, b)
             }
-            J::Array(_) | J::Object(_) => {
-                let (a, b) = self.span(|t| t.push_str(&v.to_string()));
-                Item::Json(a, b)
-            }
+            J::Array(_) | J::Object(_) => return self.push_json(&v.to_string()),
         };
         self.items.push(item);
     }
 
     /// Appends a whole document (an object).
     pub fn push_document(&mut self, doc: &serde_json::Map<String, serde_json::Value>) {
-        let (a, b) = self.span(|t| {
-            t.push_str(&serde_json::to_string(doc).unwrap_or_default());
-        });
-        self.items.push(Item::Json(a, b));
+        // Serializing a map of JSON values cannot fail.
+        self.push_json(&serde_json::to_string(doc).unwrap_or_default());
     }
 
     /// The JavaScript array, created in `ctx`.
     pub fn to_js<'js>(&self, ctx: &Ctx<'js>) -> rquickjs::Result<Array<'js>> {
         let arr = Array::new(ctx.clone())?;
         for (i, item) in self.items.iter().enumerate() {
-            let text = |a: u32, b: u32| &self.text[a as usize..b as usize];
+            let text = |a: usize, b: usize| &self.text[a..b];
             let v: Value = match *item {
                 Item::Null => Value::new_null(ctx.clone()),
                 Item::Bool(b) => Value::new_bool(ctx.clone(), b),
@@ -99,6 +100,8 @@ impl FlatArray {
 /// A JSON number as `JSON.parse` reads it: the nearest double (an integer
 /// that fits kept as one, as QuickJS does).
 fn number(text: &str) -> Item {
+    // serde_json only holds valid JSON numbers, which all parse (1e400 as
+    // infinity, as JSON.parse reads it).
     let f: f64 = text.parse().unwrap_or(f64::NAN);
     let i = f as i32;
     if i as f64 == f && !(f == 0.0 && f.is_sign_negative()) {
