@@ -827,8 +827,8 @@ struct DispatchOutput(Vec<String>, Vec<i64>, Vec<Value>);
 /// The rows `dispatchBatch` receives: a JSON text `[schema, shapes, topics,
 /// times]` and a [`FlatArray`] `flat`. `shapes` lists property-name lists;
 /// `times` holds one nanos, logical pair per run of rows sharing `updated`
-/// (rows of one source transaction share one, and a 19-digit integer is no
-/// exact double); `flat` holds the rows
+/// (rows of one source transaction share one, so each pair travels once);
+/// `flat` holds the rows
 /// one after another as plain values (no array per row, which QuickJS would
 /// have to build): a header (shape, isDelete (0/1), topic, time (an index
 /// into `times`), the number of key values (-1: no key); or -2 when it is the
