@@ -170,6 +170,7 @@ pub fn parse_body(body: &[u8]) -> Result<Envelope, ParseError> {
         }
     }
     let mut rows = Vec::with_capacity(payload.len());
+    let mut topics = Topics::default();
     for (index, raw) in payload.into_iter().enumerate() {
         let row: RawRow = serde_json::from_str(raw.get()).map_err(|e| ParseError::Row {
             index,
@@ -179,7 +180,9 @@ pub fn parse_body(body: &[u8]) -> Result<Envelope, ParseError> {
             // A resolved marker inside a payload carries no row.
             continue;
         }
-        rows.push(to_mutation(row).map_err(|message| ParseError::Row { index, message })?);
+        rows.push(
+            to_mutation(row, &mut topics).map_err(|message| ParseError::Row { index, message })?,
+        );
     }
     Ok(Envelope::Batch(rows))
 }
@@ -236,6 +239,7 @@ fn first_line(b: &[u8]) -> &[u8] {
 
 fn parse_ndjson(body: &[u8]) -> Result<Envelope, ParseError> {
     let mut rows = Vec::new();
+    let mut topics = Topics::default();
     let mut resolved = None;
     for (i, line) in body.split(|c| *c == b'\n').enumerate() {
         let line = line.trim_ascii();
@@ -254,7 +258,10 @@ fn parse_ndjson(body: &[u8]) -> Result<Envelope, ParseError> {
             );
             continue;
         }
-        rows.push(to_mutation(row).map_err(|message| ParseError::Row { index: i, message })?);
+        rows.push(
+            to_mutation(row, &mut topics)
+                .map_err(|message| ParseError::Row { index: i, message })?,
+        );
     }
     match (rows.is_empty(), resolved) {
         (true, Some(r)) => Ok(Envelope::Resolved(r)),
@@ -290,7 +297,7 @@ fn before(field: Option<Option<Document>>) -> Before {
     }
 }
 
-fn to_mutation(row: RawRow) -> Result<Mutation, String> {
+fn to_mutation(row: RawRow, topics: &mut Topics) -> Result<Mutation, String> {
     let updated =
         match row.updated {
             Some(v) => parse_hlc("updated", &v)?,
@@ -311,7 +318,7 @@ fn to_mutation(row: RawRow) -> Result<Mutation, String> {
     };
     let topic = match row.topic {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(Arc::from(s)),
+        Some(Value::String(s)) => Some(topics.get(&s)),
         Some(other) => return Err(format!("\"topic\" must be a string, got {other}")),
     };
     Ok(Mutation {
