@@ -189,24 +189,20 @@ impl Engine {
         else {
             return route_by_topic(database, schema, default_table, batch);
         };
-        let resolve =
-            |name: &str| TableName::resolve(name, database, schema).map_err(ScriptError::Invalid);
+        let mut names = TableNames::new(database, schema);
 
         if let Some(target) = &src.target {
             let parts = split_ident(target).map_err(ScriptError::Invalid)?;
+            // A `target` of two parts is a database and schema for the topic.
+            let mut in_target = (parts.len() == 2).then(|| TableNames::new(&parts[0], &parts[1]));
             return batch
                 .into_iter()
                 .map(|m| {
-                    let table = if parts.len() == 2 {
-                        TableName::resolve(topic_of(default_table, &m)?, &parts[0], &parts[1])
-                            .map_err(ScriptError::Invalid)?
-                    } else {
-                        resolve(target)?
+                    let table = match &mut in_target {
+                        Some(n) => n.get(topic_of(default_table, &m)?)?,
+                        None => names.get(target)?,
                     };
-                    Ok(Routed {
-                        table: Arc::new(table),
-                        mutation: m,
-                    })
+                    Ok(Routed { table, mutation: m })
                 })
                 .collect();
         }
@@ -245,22 +241,11 @@ impl Engine {
         let DispatchOutput(tables, codes, mut results) = output;
         let tables = tables
             .iter()
-            .map(|t| resolve(t).map(Arc::new))
+            .map(|t| names.get(t))
             .collect::<Result<Vec<_>, _>>()?;
         let mut codes = codes.into_iter();
         let mut simple = simple.into_iter();
         let mut routed = Vec::with_capacity(batch.len());
-        let mut last_table: Option<(String, Arc<TableName>)> = None;
-        let mut resolve_cached = |name: &str| -> Result<Arc<TableName>, ScriptError> {
-            match &last_table {
-                Some((n, t)) if n == name => Ok(t.clone()),
-                _ => {
-                    let t = Arc::new(resolve(name)?);
-                    last_table = Some((name.to_string(), t.clone()));
-                    Ok(t)
-                }
-            }
-        };
         // One row's destinations: a table and a document (None: the row's
         // own document, which the script returned unchanged).
         let mut targets: Vec<(Arc<TableName>, Option<Document>)> = Vec::new();
@@ -271,7 +256,7 @@ impl Engine {
                     _ => topic_of(default_table, &m)?,
                 };
                 routed.push(Routed {
-                    table: resolve_cached(name)?,
+                    table: names.get(name)?,
                     mutation: m,
                 });
                 continue;
@@ -315,7 +300,7 @@ impl Engine {
                     Value::Array(d) => d,
                     other => return Err(bad(&format!("{{{table:?}: {}}}", short(&other)))),
                 };
-                let table = resolve_cached(&table)?;
+                let table = names.get(&table)?;
                 for d in docs {
                     // Rows sent by columns come back as 0 (unchanged) or [document].
                     let d = match d {
@@ -749,16 +734,6 @@ fn write_meta(out: &mut Vec<u8>, _database: &str, schema: &str, table: &str, m: 
         let _ = serde_json::to_writer(&mut *out, k);
     }
     out.push(b'}');
-}
-
-/// The payload line's table: the URL's, else the row's topic.
-fn topic_of<'a>(default_table: Option<&'a str>, m: &'a Mutation) -> Result<&'a str, ScriptError> {
-    default_table.or(m.topic.as_deref()).ok_or_else(|| {
-        ScriptError::Invalid(
-            "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}"
-                .to_string(),
-        )
-    })
 }
 
 /// JavaScript numbers are doubles: an integer past 2^53 (CockroachDB's

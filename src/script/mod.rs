@@ -313,30 +313,54 @@ pub fn route_by_topic(
     default_table: Option<&str>,
     batch: Vec<Mutation>,
 ) -> Result<Vec<Routed>, ScriptError> {
-    // A batch usually names one table: resolve each distinct name once.
-    let mut last: Option<(String, Arc<TableName>)> = None;
+    let mut names = TableNames::new(database, schema);
     batch
         .into_iter()
         .map(|m| {
-            let name = default_table.or(m.topic.as_deref()).ok_or_else(|| {
-                ScriptError::Invalid(
-                    "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}"
-                        .to_string(),
-                )
-            })?;
-            let table = match &last {
-                Some((n, t)) if n == name => t.clone(),
-                _ => {
-                    let t = Arc::new(
-                        TableName::resolve(name, database, schema).map_err(ScriptError::Invalid)?,
-                    );
-                    last = Some((name.to_string(), t.clone()));
-                    t
-                }
-            };
+            let table = names.get(topic_of(default_table, &m)?)?;
             Ok(Routed { table, mutation: m })
         })
         .collect()
+}
+
+/// The table a mutation names: the URL's, else its topic.
+fn topic_of<'a>(default_table: Option<&'a str>, m: &'a Mutation) -> Result<&'a str, ScriptError> {
+    default_table.or(m.topic.as_deref()).ok_or_else(|| {
+        ScriptError::Invalid(
+            "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}"
+                .to_string(),
+        )
+    })
+}
+
+/// Table names resolved against one database and schema, each distinct name
+/// once per request (a batch names few tables), so that the rows routed to
+/// one table share its name.
+struct TableNames<'a> {
+    database: &'a str,
+    schema: &'a str,
+    seen: Vec<(String, Arc<TableName>)>,
+}
+
+impl<'a> TableNames<'a> {
+    fn new(database: &'a str, schema: &'a str) -> Self {
+        TableNames {
+            database,
+            schema,
+            seen: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, name: &str) -> Result<Arc<TableName>, ScriptError> {
+        if let Some((_, t)) = self.seen.iter().rev().find(|(n, _)| n == name) {
+            return Ok(t.clone());
+        }
+        let t =
+            TableName::resolve(name, self.database, self.schema).map_err(ScriptError::Invalid)?;
+        let t = Arc::new(t);
+        self.seen.push((name.to_string(), t.clone()));
+        Ok(t)
+    }
 }
 
 /// The `.d.ts` describing the userscript API (`meridian userscript --api`).
