@@ -7,7 +7,8 @@
 //! thread only copies them into a [`FlatArray`] (strings into one buffer),
 //! and [`FlatArray::to_js`] creates the JavaScript values directly. Each
 //! value comes out as `JSON.parse` would have produced it from the same
-//! JSON: objects and arrays still go through it.
+//! JSON: objects and arrays still go through it, all of a batch's in one
+//! call.
 
 use rquickjs::{Array, Ctx, IntoJs, Value};
 
@@ -20,8 +21,8 @@ enum Item {
     Float(f64),
     /// A string: a range of the text buffer.
     Str(usize, usize),
-    /// An object or array: JSON text in the buffer.
-    Json(usize, usize),
+    /// An object or array: an element of the JSON array `json`.
+    Json(u32),
 }
 
 /// An array of values under construction, sent to a script thread.
@@ -29,6 +30,10 @@ enum Item {
 pub struct FlatArray {
     items: Vec<Item>,
     text: String,
+    /// The objects and arrays, as the elements of one JSON array (without
+    /// its closing bracket).
+    json: Vec<u8>,
+    nested: u32,
 }
 
 impl FlatArray {
@@ -36,6 +41,8 @@ impl FlatArray {
         FlatArray {
             items: Vec::with_capacity(items),
             text: String::with_capacity(items * 12),
+            json: Vec::new(),
+            nested: 0,
         }
     }
 
@@ -51,9 +58,12 @@ impl FlatArray {
         (start, self.text.len())
     }
 
-    fn push_json(&mut self, json: &str) {
-        let (a, b) = self.copy(json);
-        self.items.push(Item::Json(a, b));
+    fn push_json(&mut self, v: &impl serde::Serialize) {
+        self.json.push(if self.nested == 0 { b'[' } else { b',' });
+        // Serializing JSON values into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.json, v);
+        self.items.push(Item::Json(self.nested));
+        self.nested += 1;
     }
 
     /// Appends a JSON value.
@@ -67,19 +77,26 @@ impl FlatArray {
                 let (a, b) = self.copy(s);
                 Item::Str(a, b)
             }
-            J::Array(_) | J::Object(_) => return self.push_json(&v.to_string()),
+            J::Array(_) | J::Object(_) => return self.push_json(v),
         };
         self.items.push(item);
     }
 
     /// Appends a whole document (an object).
     pub fn push_document(&mut self, doc: &serde_json::Map<String, serde_json::Value>) {
-        // Serializing a map of JSON values cannot fail.
-        self.push_json(&serde_json::to_string(doc).unwrap_or_default());
+        self.push_json(doc);
     }
 
     /// The JavaScript array, created in `ctx`.
     pub fn to_js<'js>(&self, ctx: &Ctx<'js>) -> rquickjs::Result<Array<'js>> {
+        let nested: Option<Array> = if self.nested > 0 {
+            let mut json = Vec::with_capacity(self.json.len() + 2);
+            json.extend_from_slice(&self.json);
+            json.push(b']');
+            ctx.json_parse(json)?.into_array()
+        } else {
+            None
+        };
         let arr = Array::new(ctx.clone())?;
         for (i, item) in self.items.iter().enumerate() {
             let text = |a: usize, b: usize| &self.text[a..b];
@@ -89,7 +106,10 @@ impl FlatArray {
                 Item::Int(n) => Value::new_int(ctx.clone(), n),
                 Item::Float(f) => Value::new_float(ctx.clone(), f),
                 Item::Str(a, b) => text(a, b).into_js(ctx)?,
-                Item::Json(a, b) => ctx.json_parse(text(a, b))?,
+                Item::Json(k) => match &nested {
+                    Some(n) => n.get(k as usize)?,
+                    None => Value::new_undefined(ctx.clone()),
+                },
             };
             arr.set(i, v)?;
         }
