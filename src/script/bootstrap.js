@@ -354,10 +354,9 @@
     let held;
     const roDispatch = readOnlyFlags(s.dispatch);
     const roDeletes = readOnlyFlags(s.deletesTo);
-    // One meta (with and without a key) reused row after row, for functions
-    // that can neither change nor keep it; rebuilt when the header changes.
-    let sharedMeta = null;
-    let sharedKeyed = null;
+    // For functions that can neither change nor keep it, one meta per
+    // header, reused row after row (only its key values change).
+    let shared = null;
     let sharedKey = null;
     // f: the row shape's maker (null: the document travels whole);
     // width: how many entries of `a` the document takes.
@@ -378,24 +377,22 @@
         f = shape >= 0 ? fns[shape] : null;
         width = shape >= 0 ? shapes[shape].length : 1;
         o += 5;
-        sharedMeta = sharedKeyed = null;
         ro = del ? roDeletes : roDispatch;
         same = f === null ? null : (ro & READ_ONLY_DOC) !== 0 ? unchanged : f.same;
+        shared = null;
+        if ((ro & READ_ONLY_META) !== 0) {
+          if (nk < 0) shared = { schema: schema, table: table, nanos: nanos, logical: logical };
+          else {
+            sharedKey = new Array(nk);
+            shared = { schema: schema, table: table, nanos: nanos, logical: logical, key: sharedKey };
+          }
+        }
       }
       let meta;
-      if ((ro & READ_ONLY_META) !== 0) {
-        if (nk < 0) {
-          if (sharedMeta === null) sharedMeta = { schema: schema, table: table, nanos: nanos, logical: logical };
-          meta = sharedMeta;
-        } else {
-          if (sharedKeyed === null || sharedKey.length !== nk) {
-            sharedKey = new Array(nk);
-            sharedKeyed = { schema: schema, table: table, nanos: nanos, logical: logical, key: sharedKey };
-          }
-          for (let j = 0; j < nk; j++) sharedKey[j] = a[o + j];
-          meta = sharedKeyed;
-          o += nk;
-        }
+      if (shared !== null) {
+        for (let j = 0; j < nk; j++) sharedKey[j] = a[o + j];
+        if (nk > 0) o += nk;
+        meta = shared;
       } else if (nk < 0) meta = { schema: schema, table: table, nanos: nanos, logical: logical };
       else {
         // Nearly every key has one column: a literal is cheaper than slice.
