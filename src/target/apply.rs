@@ -96,8 +96,6 @@ struct RowReader<'s> {
     /// By column index: the columns to read (`None`: all, strictly).
     only: Option<Vec<bool>>,
     extras: Option<usize>,
-    /// Wide tables: columns by name through a map rather than a scan.
-    by_name: Option<HashMap<&'s str, usize>>,
 }
 
 /// One row's values, by column index, in column order.
@@ -118,14 +116,6 @@ impl<'s> RowReader<'s> {
             })?),
             None => None,
         };
-        let by_name = (schema.columns.len() > 16).then(|| {
-            schema
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (c.name.as_str(), i))
-                .collect()
-        });
         let only = only.map(|cols| {
             let mut mask = vec![false; schema.columns.len()];
             for &c in cols {
@@ -140,15 +130,7 @@ impl<'s> RowReader<'s> {
             rules,
             only,
             extras,
-            by_name,
         })
-    }
-
-    fn column(&self, prop: &str) -> Option<(usize, &'s Column)> {
-        match &self.by_name {
-            Some(m) => m.get(prop).map(|&i| (i, &self.schema.columns[i])),
-            None => self.schema.column(prop),
-        }
     }
 
     /// Replaces `row` with `doc`'s values.
@@ -160,7 +142,7 @@ impl<'s> RowReader<'s> {
             if self.rules.ignore.iter().any(|i| i == prop) {
                 continue;
             }
-            match self.column(prop) {
+            match self.schema.column(prop) {
                 Some((_, col)) if col.generated => continue,
                 Some((i, _)) if self.only.as_ref().is_some_and(|m| !m[i]) => continue,
                 Some((i, col)) => row.push((i, convert(schema, col, value)?)),

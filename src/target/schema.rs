@@ -56,14 +56,39 @@ pub struct TableSchema {
     pub columns: Vec<Column>,
     /// Indexes into `columns`, in primary-key order.
     pub pk: Vec<usize>,
+    /// Wide tables: column indexes by name (a scan is faster for a few).
+    by_name: Option<foldhash::HashMap<String, usize>>,
 }
 
+/// Tables with more columns than this find them by name through a map.
+const SCAN_UP_TO: usize = 16;
+
 impl TableSchema {
+    pub fn new(name: TableName, columns: Vec<Column>, pk: Vec<usize>) -> Self {
+        let by_name = (columns.len() > SCAN_UP_TO).then(|| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.clone(), i))
+                .collect()
+        });
+        TableSchema {
+            name,
+            columns,
+            pk,
+            by_name,
+        }
+    }
+
     pub fn column(&self, name: &str) -> Option<(usize, &Column)> {
-        self.columns
-            .iter()
-            .enumerate()
-            .find(|(_, c)| c.name == name)
+        match &self.by_name {
+            Some(m) => m.get(name).map(|&i| (i, &self.columns[i])),
+            None => self
+                .columns
+                .iter()
+                .enumerate()
+                .find(|(_, c)| c.name == name),
+        }
     }
 
     pub fn pk_columns(&self) -> impl Iterator<Item = &Column> {
@@ -153,11 +178,7 @@ pub async fn introspect(
     if pk.is_empty() {
         return Err(TargetError::NoPrimaryKey(name.to_string()));
     }
-    Ok(TableSchema {
-        name: name.clone(),
-        columns,
-        pk,
-    })
+    Ok(TableSchema::new(name.clone(), columns, pk))
 }
 
 /// Table schemas by name, shared by every request.
