@@ -22,7 +22,7 @@ use crate::script::{
     ApplyOp, ColumnInfo, Conflict, MergeKind, MergeOutcome, Routed, ScriptError, ScriptTx,
     TableConfig, TableName, Userscript,
 };
-use crate::target::apply::{self, DlqEntry, TableBatch, WriteRules};
+use crate::target::apply::{self, DlqEntry, KeyValues, TableBatch, WriteRules};
 use crate::target::merge::{decimal, three_way, ThreeWay};
 use crate::target::schema::Kind;
 use crate::target::{TableSchema, Target, TargetError};
@@ -358,7 +358,7 @@ impl Receiver {
         // Deletes: a delete whose row never existed at the source is dropped.
         // Rows are found by primary key, or by the columns of `deleteKey`.
         let key_columns = delete_key_columns(schema, cfg)?;
-        let mut del: Vec<(usize, Vec<Value>)> = Vec::new();
+        let mut del: Vec<(usize, KeyValues)> = Vec::new();
         let mut del_muts: Vec<&Mutation> = Vec::new();
         for &m in &deletes {
             if m.before == Before::Null {
@@ -430,7 +430,7 @@ impl Receiver {
     ) -> Result<(), ReceiveError> {
         let Lost { columns, muts } = lost;
         let columns = &columns[..];
-        let keys: Vec<(usize, Vec<Value>)> = muts
+        let keys: Vec<(usize, KeyValues)> = muts
             .iter()
             .enumerate()
             .map(|(i, m)| key_of(schema, cfg, m).map(|k| (i, k)))
@@ -652,13 +652,13 @@ fn delete_key_columns(
 
 /// A delete's values for `columns` (a `deleteKey`): its `key` when that has
 /// one value per column, else its `before` row's values of those columns.
-fn delete_key_of(
+fn delete_key_of<'m>(
     schema: &TableSchema,
     columns: &[usize],
-    m: &Mutation,
-) -> Result<Vec<Value>, ReceiveError> {
+    m: &'m Mutation,
+) -> Result<KeyValues<'m>, ReceiveError> {
     match key_values(schema, columns, true, m) {
-        Ok(k) => Ok(k.into_iter().cloned().collect()),
+        Ok(k) => Ok(k),
         Err(c) => Err(TargetError::MissingKey {
             table: schema.name.to_string(),
             column: schema.columns[c].name.clone(),
@@ -668,14 +668,12 @@ fn delete_key_of(
 }
 
 /// The primary key of a mutation: its `after`, else its `key`, else its `before`.
-fn key_of(
+fn key_of<'m>(
     schema: &TableSchema,
     cfg: &TableConfig,
-    m: &Mutation,
-) -> Result<Vec<Value>, ReceiveError> {
-    key_values(schema, &schema.pk, key_is_pk(cfg, m), m)
-        .map(|k| k.into_iter().cloned().collect())
-        .map_err(|_| missing_pk(schema))
+    m: &'m Mutation,
+) -> Result<KeyValues<'m>, ReceiveError> {
+    key_values(schema, &schema.pk, key_is_pk(cfg, m), m).map_err(|_| missing_pk(schema))
 }
 
 /// Several versions of one key in a request fold to the one with the highest
@@ -754,8 +752,8 @@ fn key_values<'a>(
     columns: &[usize],
     use_key: bool,
     m: &'a Mutation,
-) -> Result<SmallVec<[&'a Value; 2]>, usize> {
-    let from_doc = |d: &'a Document| -> Result<SmallVec<[&'a Value; 2]>, usize> {
+) -> Result<KeyValues<'a>, usize> {
+    let from_doc = |d: &'a Document| -> Result<KeyValues<'a>, usize> {
         columns
             .iter()
             .map(|&c| {

@@ -267,11 +267,15 @@ pub fn batch_for_columns<'a>(
     ))
 }
 
+/// One row's key values, borrowed from its mutation (nearly every key has
+/// one or two columns).
+pub type KeyValues<'a> = smallvec::SmallVec<[&'a Value; 2]>;
+
 /// Builds the batch of key values that identifies rows: over the primary
 /// key, or over the columns a table's `deleteKey` names.
 pub fn prepare_keys<'a>(
     schema: &TableSchema,
-    keys: &'a [(usize, Vec<Value>)],
+    keys: &[(usize, KeyValues<'a>)],
     columns: &[usize],
 ) -> Result<TableBatch<'a>, TargetError> {
     let mut values = empty_values(schema, columns, keys.len());
@@ -286,7 +290,7 @@ pub fn prepare_keys<'a>(
         }
         for (k, &c) in columns.iter().enumerate() {
             let col = &schema.columns[c];
-            let text = convert(schema, col, &key[k])?;
+            let text = convert(schema, col, key[k])?;
             if text.is_none() {
                 return Err(TargetError::MissingKey {
                     table: schema.name.to_string(),
