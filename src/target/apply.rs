@@ -229,34 +229,38 @@ pub fn batch_for_columns<'a>(
     present_only: bool,
 ) -> Result<(TableBatch<'a>, Vec<bool>), TargetError> {
     let reader = RowReader::new(schema, rules, Some(columns))?;
-    let mut rows: Vec<RowValues<'a>> = Vec::with_capacity(docs.len());
-    let mut present = vec![false; schema.columns.len()];
+    let mut values = empty_values(schema, columns, docs.len());
+    let mut present = vec![false; columns.len()];
+    let mut row: RowValues<'a> = Vec::new();
     for (_, doc) in docs {
-        let mut row = Vec::new();
+        row.clear();
         if let Some(doc) = doc {
             reader.read(doc, &mut row)?;
         }
-        for (i, _) in &row {
-            present[*i] = true;
-        }
-        rows.push(row);
-    }
-    let columns: Vec<usize> = columns
-        .iter()
-        .copied()
-        .filter(|&c| !present_only || present[c])
-        .collect();
-    let mut values = empty_values(schema, &columns, docs.len());
-    for row in &mut rows {
         for (n, &c) in columns.iter().enumerate() {
             // `read` leaves a row sorted by column.
-            let v = row
-                .binary_search_by_key(&c, |(i, _)| *i)
-                .ok()
-                .and_then(|k| row[k].1.take());
+            let v = match row.binary_search_by_key(&c, |(i, _)| *i) {
+                Ok(k) => {
+                    present[n] = true;
+                    row[k].1.take()
+                }
+                Err(_) => None,
+            };
             values[n].push(v);
         }
     }
+    // A column no row has is left out (all its values are NULL).
+    let keep: Vec<bool> = present.iter().map(|&p| p || !present_only).collect();
+    let columns: Vec<usize> = columns
+        .iter()
+        .zip(&keep)
+        .filter_map(|(&c, &k)| k.then_some(c))
+        .collect();
+    let values: Vec<Values<'a>> = values
+        .into_iter()
+        .zip(&keep)
+        .filter_map(|(v, &k)| k.then_some(v))
+        .collect();
     Ok((
         TableBatch {
             ords: docs.iter().map(|(i, _)| *i).collect(),
