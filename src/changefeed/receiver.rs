@@ -561,19 +561,14 @@ impl Receiver {
                 }
             }
         }
-        let stored_form = (!merged_rows.is_empty()).then(|| WriteRules {
-            exprs: Default::default(),
-            ..rules.clone()
-        });
-        let groups = [(to_write, Some(rules)), (merged_rows, stored_form.as_ref())];
-        for (rows, rules) in groups {
-            let Some(rules) = rules.filter(|_| !rows.is_empty()) else {
-                continue;
+        write_rows(tx, schema, &to_write, rules, stats).await?;
+        if !merged_rows.is_empty() {
+            // Merged rows are already in stored form: no `exprs` again.
+            let stored_form = WriteRules {
+                exprs: Default::default(),
+                ..rules.clone()
             };
-            let docs: Vec<(usize, &Document)> = rows.iter().enumerate().collect();
-            for batch in apply::prepare(schema, &docs, rules)? {
-                stats.upserts += apply::upsert(tx, schema, &batch, &[], rules).await?.written;
-            }
+            write_rows(tx, schema, &merged_rows, &stored_form, stats).await?;
         }
         stats.dlq += apply::write_dlq(
             tx,
@@ -584,6 +579,24 @@ impl Receiver {
         .await?;
         Ok(())
     }
+}
+
+/// Writes `rows` as they are (no compare-and-set): the results of merges.
+async fn write_rows(
+    tx: &Transaction<'_>,
+    schema: &TableSchema,
+    rows: &[Document],
+    rules: &WriteRules,
+    stats: &mut TableStats,
+) -> Result<(), ReceiveError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let docs: Vec<(usize, &Document)> = rows.iter().enumerate().collect();
+    for batch in apply::prepare(schema, &docs, rules)? {
+        stats.upserts += apply::upsert(tx, schema, &batch, &[], rules).await?.written;
+    }
+    Ok(())
 }
 
 /// Rows that lost compare-and-set (or deletes that found a newer row), with
