@@ -376,12 +376,16 @@ fn columns_match(schema: &TableSchema, columns: &[usize], left: &str, right: &st
         .join(" AND ")
 }
 
-fn tuple(schema: &TableSchema, alias: &str, cols: &[usize]) -> String {
-    let parts: Vec<String> = cols
-        .iter()
+/// `alias."a", alias."b"` for `cols`.
+fn qualified(schema: &TableSchema, alias: &str, cols: &[usize]) -> String {
+    cols.iter()
         .map(|&i| format!("{alias}.{}", quote_ident(&schema.columns[i].name)))
-        .collect();
-    format!("ROW({})", parts.join(", "))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn tuple(schema: &TableSchema, alias: &str, cols: &[usize]) -> String {
+    format!("ROW({})", qualified(schema, alias, cols))
 }
 
 /// The upsert statement for `batch`'s columns. With `cas`, a row is written
@@ -584,11 +588,7 @@ pub async fn delete(
             aliases("k", keys.columns.len()),
             aliases("x", cas.len()),
             tuple(schema, "cur", cas),
-            keys.columns
-                .iter()
-                .map(|&c| format!("cur.{}", quote_ident(&schema.columns[c].name)))
-                .collect::<Vec<_>>()
-                .join(", "),
+            qualified(schema, "cur", &keys.columns),
             columns_match(schema, &keys.columns, "d", "u"),
             t = table_ref(schema),
         )
