@@ -22,8 +22,7 @@ use crate::changefeed::Hlc;
 const FLOORS: &str = "public.meridian_changefeed_floors";
 
 impl Feed {
-    /// Creates the table when absent, prepares the floor upsert on `db`, and
-    /// sets the floor for a stream that starts at the slot's confirmed
+    /// Creates the table when absent and sets the floor for a stream that starts at the slot's confirmed
     /// position `lsn`: the one recorded there, or zero for a slot just
     /// `created` (whose old records are forgotten).
     pub(super) async fn load_floor(
@@ -40,14 +39,6 @@ impl Feed {
             "where the changefeed keeps the `updated` floor of its slot's position",
         )
         .await?;
-        self.floor_upsert = Some(
-            db.prepare(&format!(
-                "INSERT INTO {FLOORS} (slot_name, lsn, nanos, logical) \
-                 VALUES ($1, $2::text::pg_lsn, $3, $4) \
-                 ON CONFLICT (slot_name, lsn) DO UPDATE SET nanos = EXCLUDED.nanos, logical = EXCLUDED.logical"
-            ))
-            .await?,
-        );
         if created {
             db.execute(
                 &format!("DELETE FROM {FLOORS} WHERE slot_name = $1"),
@@ -77,17 +68,18 @@ impl Feed {
     }
 
     /// Records the floor at `want_advance`, when it moved since the last
-    /// record; call before the slot may be told that position.
+    /// record; call before the slot may be told that position (at most once
+    /// per status interval, so a plain statement does).
     pub(super) async fn record_floor(&mut self, db: &tokio_postgres::Client) -> Result<()> {
         if self.persisted_floor == Some(self.floor) || self.want_advance == 0 {
             return Ok(());
         }
-        let upsert = self
-            .floor_upsert
-            .as_ref()
-            .context("the floor is recorded only after it was loaded")?;
         db.execute(
-            upsert,
+            &format!(
+                "INSERT INTO {FLOORS} (slot_name, lsn, nanos, logical) \
+                 VALUES ($1, $2::text::pg_lsn, $3, $4) \
+                 ON CONFLICT (slot_name, lsn) DO UPDATE SET nanos = EXCLUDED.nanos, logical = EXCLUDED.logical"
+            ),
             &[
                 &self.slot,
                 &lsn_to_string(self.want_advance),

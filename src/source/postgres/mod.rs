@@ -688,9 +688,6 @@ struct Feed {
     persisted_floor: Option<Hlc>,
     /// Floors were recorded since the last pruning.
     floors_to_prune: bool,
-    /// The floor upsert, prepared on the current source connection (it runs
-    /// for every acknowledged batch that moved the floor).
-    floor_upsert: Option<tokio_postgres::Statement>,
     /// The batches sent are the initial scan's.
     scanning: bool,
 }
@@ -857,7 +854,6 @@ impl Feed {
             pending_scan: None,
             persisted_floor: None,
             floors_to_prune: false,
-            floor_upsert: None,
             scanning: false,
         }
     }
