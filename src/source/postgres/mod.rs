@@ -1425,7 +1425,8 @@ impl Feed {
             }
             Message::Insert { relid, new } => {
                 if let Some(t) = st.cur.as_mut() {
-                    self.write_row(t, relid, None, Some(&new), &st.updated, &mut st.scratch);
+                    let (u, scratch) = (&st.updated, &mut st.scratch);
+                    self.write_row(t, relid, None, Some((&new, None)), u, scratch);
                 }
             }
             Message::Update { relid, old, new } => {
@@ -1437,12 +1438,12 @@ impl Feed {
                         Some(old) if self.key_changed(relid, old, &new) => {
                             let (u, scratch) = (&st.updated, &mut st.scratch);
                             self.write_row(t, relid, Some(old), None, u, scratch);
-                            let new = with_unchanged_from(&new, old);
-                            self.write_row(t, relid, None, Some(&new), u, scratch);
+                            // Unchanged TOASTed values come from the old row.
+                            self.write_row(t, relid, None, Some((&new, Some(old))), u, scratch);
                         }
                         old => {
                             let (u, scratch) = (&st.updated, &mut st.scratch);
-                            self.write_row(t, relid, old, Some(&new), u, scratch);
+                            self.write_row(t, relid, old, Some((&new, old)), u, scratch);
                         }
                     }
                 }
@@ -1487,13 +1488,15 @@ impl Feed {
         })
     }
 
-    /// Writes one row's payload entry into its transaction.
+    /// Writes one row's payload entry into its transaction: `old` as
+    /// `before`, `new` as `after` with its unchanged (TOASTed) values taken
+    /// from the row beside it.
     fn write_row(
         &self,
         t: &mut Txn,
         relid: u32,
         old: Option<&[Datum]>,
-        new: Option<&[Datum]>,
+        new: Option<(&[Datum], Option<&[Datum]>)>,
         updated: &str,
         frags: &mut Vec<Option<(usize, usize)>>,
     ) {
@@ -1546,7 +1549,7 @@ impl Feed {
             };
         buf.extend_from_slice(b"{\"after\":");
         match new {
-            Some(n) => write_tuple(buf, n, old, true),
+            Some((n, unchanged_from)) => write_tuple(buf, n, unchanged_from, true),
             None => buf.extend_from_slice(b"null"),
         }
         buf.extend_from_slice(b",\"before\":");
@@ -1826,18 +1829,6 @@ impl Feed {
         self.last_probe_at = Instant::now();
         Ok(())
     }
-}
-
-/// An updated row with its unchanged TOASTed values (which pgoutput does not
-/// resend) taken from the old row.
-fn with_unchanged_from<'a>(new: &[Datum<'a>], old: &[Datum<'a>]) -> Vec<Datum<'a>> {
-    new.iter()
-        .enumerate()
-        .map(|(i, d)| match d {
-            Datum::Unchanged => old.get(i).cloned().unwrap_or(Datum::Unchanged),
-            d => d.clone(),
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -218,7 +218,14 @@ impl Feed {
                             None => Datum::Null,
                         });
                     }
-                    self.write_row(&mut txn, relid, None, Some(&datums), &updated, &mut frags);
+                    self.write_row(
+                        &mut txn,
+                        relid,
+                        None,
+                        Some((&datums, None)),
+                        &updated,
+                        &mut frags,
+                    );
                 }
                 let n = txn.lines.len() as u64;
                 push_item(
