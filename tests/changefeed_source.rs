@@ -215,20 +215,25 @@ fn updated(row: &Value) -> Hlc {
     row["updated"].as_str().unwrap().parse().unwrap()
 }
 
-async fn kv_db(name: &str) -> (String, tokio_postgres::Client) {
+/// A fresh database on the shared cluster, set up with `setup`.
+async fn fresh_db(name: &str, setup: &str) -> (String, tokio_postgres::Client) {
     let url = pgcluster::shared()
         .unwrap()
         .fresh_database(name)
         .await
         .unwrap();
     let db = connect(&url).await;
-    sql(
-        &db,
+    sql(&db, setup).await;
+    (url, db)
+}
+
+async fn kv_db(name: &str) -> (String, tokio_postgres::Client) {
+    fresh_db(
+        name,
         "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT, n NUMERIC, j JSONB, b BOOL, f FLOAT8, \
          a INT4[], ts TIMESTAMPTZ, by BYTEA); ALTER TABLE kv REPLICA IDENTITY FULL;",
     )
-    .await;
-    (url, db)
+    .await
 }
 
 /// Runs `text` (one or more statements) on `db`; a failure names the SQL.
@@ -557,7 +562,7 @@ async fn scan_marked(db: &tokio_postgres::Client, slot: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_scan_sends_existing_rows_before_changes() {
-    let (url, db) = kv_db("cf_scan").await;
+    let (_, db, sink, mut o) = kv_feed("cf_scan").await;
     sql(
         &db,
         "INSERT INTO kv (k, v) SELECT g, 'v' || g FROM generate_series(1, 2500) g; \
@@ -565,9 +570,6 @@ async fn initial_scan_sends_existing_rows_before_changes() {
          true, 1.5, '{1,NULL,3}', '2024-01-02 03:04:05.678901+00', '\\x0102');",
     )
     .await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_scan".into();
     o.flush_rows = 1000;
     o.resolved_interval = Some(Duration::from_millis(100));
     let feed = start(o.clone());
@@ -663,15 +665,12 @@ async fn initial_scan_sends_existing_rows_before_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_scan_no_sends_only_later_changes() {
-    let (url, db) = kv_db("cf_noscan").await;
+    let (_, db, sink, mut o) = kv_feed("cf_noscan").await;
     sql(
         &db,
         "INSERT INTO kv (k, v) SELECT g, 'old' FROM generate_series(1, 10) g",
     )
     .await;
-    let sink = TestSink::start().await;
-    let mut o = options(&url, &["kv"], &sink);
-    o.name = "cf_noscan".into();
     o.initial_scan = false;
     let feed = start_streaming(&db, o).await;
     sql(&db, "INSERT INTO kv (k, v) VALUES (11, 'new')").await;
@@ -854,13 +853,11 @@ async fn batches_by_rows_and_large_transactions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misconfigured_sources_say_what_to_fix() {
-    let url = pgcluster::shared()
-        .unwrap()
-        .fresh_database("cf_checks")
-        .await
-        .unwrap();
-    let db = connect(&url).await;
-    sql(&db, "CREATE TABLE plain (k INT PRIMARY KEY, v TEXT)").await;
+    let (url, _db) = fresh_db(
+        "cf_checks",
+        "CREATE TABLE plain (k INT PRIMARY KEY, v TEXT)",
+    )
+    .await;
     let sink = TestSink::start().await;
     let mut o = options(&url, &["cf_checks.public.plain", "public.missing"], &sink);
     o.name = "cf_checks".into();
@@ -940,14 +937,8 @@ async fn assert_stamped_east(db: &tokio_postgres::Client, k: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_sql_stamps_local_writes_only() {
-    let url = pgcluster::shared()
-        .unwrap()
-        .fresh_database("cf_setup")
-        .await
-        .unwrap();
-    let db = connect(&url).await;
-    sql(
-        &db,
+    let (url, db) = fresh_db(
+        "cf_setup",
         "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT); INSERT INTO kv VALUES (0, 'old')",
     )
     .await;
@@ -1130,20 +1121,13 @@ async fn key_changing_update_is_a_delete_and_an_insert() {
 /// A database with `pt`, range-partitioned into `pt_low` (k < 100) and
 /// `pt_high` (k < 200).
 async fn partitioned_db(name: &str) -> (String, tokio_postgres::Client) {
-    let url = pgcluster::shared()
-        .unwrap()
-        .fresh_database(name)
-        .await
-        .unwrap();
-    let db = connect(&url).await;
-    sql(
-        &db,
+    fresh_db(
+        name,
         "CREATE TABLE pt (k INT8 PRIMARY KEY, v TEXT) PARTITION BY RANGE (k);
          CREATE TABLE pt_low PARTITION OF pt FOR VALUES FROM (0) TO (100);
          CREATE TABLE pt_high PARTITION OF pt FOR VALUES FROM (100) TO (200);",
     )
-    .await;
-    (url, db)
+    .await
 }
 
 /// A partitioned table replicates under its own name: pgoutput reports its
@@ -1299,7 +1283,6 @@ async fn resent_rows_keep_their_updated_after_a_source_crash() {
         "INSERT INTO kv (k, v) VALUES (999999, 'after the crash')",
     )
     .await;
-    let rows = sink.wait_rows(1).await;
     assert!(
         wait_for(Duration::from_secs(30), || async {
             ks(&sink.rows()).contains(&999999)
@@ -1307,7 +1290,6 @@ async fn resent_rows_keep_their_updated_after_a_source_crash() {
         .await,
         "the change after the crash arrives"
     );
-    let _ = rows;
     let mut resent = 0;
     for r in sink.rows() {
         let k = r["key"][0].as_i64().unwrap();
