@@ -295,7 +295,7 @@ async fn numbers_passed_through_a_script_stay_exact() {
         &["--userscript", &path],
     )
     .await;
-    let body = r#"{"payload":[{"after":{"id":9007199254740993,"n":3.14159265358979323846264,"j":{"id":1234567890123456789,"xs":[9007199254740995,1.5]}},"key":[9007199254740993],"topic":"big","updated":"1.0"}],"length":1}"#;
+    let body = batch(&[r#"{"after":{"id":9007199254740993,"n":3.14159265358979323846264,"j":{"id":1234567890123456789,"xs":[9007199254740995,1.5]}},"key":[9007199254740993],"topic":"big","updated":"1.0"}"#.to_string()]);
     f.post_ok("/exact/public", body).await;
     assert_eq!(
         f.dump("SELECT id, n, j->>'id', j->'xs', note, half FROM big").await,
@@ -319,7 +319,7 @@ async fn numbers_passed_through_a_merge_stay_exact() {
         &["--userscript", &path],
     )
     .await;
-    let body = r#"{"payload":[{"after":{"id":9007199254740993,"a":"a1","ts":10},"key":[9007199254740993],"topic":"big","updated":"1.0"}],"length":1}"#;
+    let body = batch(&[r#"{"after":{"id":9007199254740993,"a":"a1","ts":10},"key":[9007199254740993],"topic":"big","updated":"1.0"}"#.to_string()]);
     f.post_ok("/exact_merge/public", body).await;
     assert_eq!(
         f.dump("SELECT id, a, ts FROM big").await,
