@@ -347,6 +347,10 @@
     const tables = [];
     const codes = [];
     const results = [];
+    // Rows so far; the last table a row went to, and its index.
+    let nc = 0;
+    let lastName = null;
+    let lastT = -1;
     // QuickJS reads an array through a double index by converting it to a
     // property name (number to string, then an atom lookup): `| 0` keeps `o`
     // and every index a small integer, which takes the fast array path.
@@ -405,13 +409,13 @@
       // Holding the previous row's result until this one exists keeps the
       // shapes of the script's own literals alive (see keepShapes).
       held = v;
-      if (v === undefined || v === null) codes.push(-1);
+      if (v === undefined || v === null) codes[nc++] = -1;
       else if (shape >= 0 && protoOf(v) === ObjectProto) {
         const ks = keysOf(v);
         const n = ks.length;
         const name = ks[0];
         let list, kept;
-        if (n === 0) codes.push(-1);
+        if (n === 0) codes[nc++] = -1;
         else if (
           n === 1 &&
           isArray((list = v[name])) &&
@@ -419,16 +423,19 @@
           list[0] === doc &&
           (kept = same(doc, a, o))
         ) {
-          let t = tables.indexOf(name);
-          if (t < 0) t = tables.push(name) - 1;
-          codes.push(t);
+          if (name !== lastName) {
+            lastT = tables.indexOf(name);
+            if (lastT < 0) lastT = tables.push(name) - 1;
+            lastName = name;
+          }
+          codes[nc++] = lastT;
         } else {
-          codes.push(-2 - results.length);
+          codes[nc++] = -2 - results.length;
           results.push(encodeRouted(v, doc, same, a, o, kept));
         }
       } else {
-        codes.push(-2 - results.length);
-        results.push(routable(shape >= 0 ? encodeRouted(v, doc, same, a, o) : v, key, codes.length - 1));
+        codes[nc++] = -2 - results.length;
+        results.push(routable(shape >= 0 ? encodeRouted(v, doc, same, a, o) : v, key, nc - 1));
       }
       o += width;
     }
