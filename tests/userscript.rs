@@ -327,6 +327,45 @@ async fn numbers_passed_through_a_merge_stay_exact() {
     );
 }
 
+/// Ops an `apply` function hands on through `getTX().apply` keep their
+/// numbers exact, whether the script passes the ops themselves (as
+/// repl_apply.ts's filter does) or rebuilds them around the same data; a
+/// number the script computes is its own.
+#[tokio::test]
+async fn numbers_passed_through_get_tx_apply_stay_exact() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("big", {
+          apply: async (ops: any[]) => {
+            const kept = ops.filter((op) => op.data.keep);
+            const rebuilt = ops
+              .filter((op) => !op.data.keep)
+              .map((op) => ({ action: op.action, meta: op.meta, data: { ...op.data, half: op.data.id / 2 } }));
+            await api.getTX().apply([...kept, ...rebuilt]);
+          },
+        });"#,
+    );
+    let f = fixture(
+        "exact_apply",
+        "CREATE TABLE big (id INT8 PRIMARY KEY, n NUMERIC, keep BOOL, half FLOAT8)",
+        &["--userscript", &path],
+    )
+    .await;
+    let body = batch(&[
+        r#"{"after":{"id":9007199254740993,"n":3.14159265358979323846264,"keep":true},"key":[9007199254740993],"topic":"big","updated":"1.0"}"#.to_string(),
+        r#"{"after":{"id":9007199254740995,"n":2.71828182845904523536028,"keep":false},"key":[9007199254740995],"topic":"big","updated":"1.0"}"#.to_string(),
+    ]);
+    f.post_ok("/exact_apply/public/big", body).await;
+    assert_eq!(
+        f.dump("SELECT id, n, keep, half FROM big ORDER BY id")
+            .await,
+        vec![
+            "9007199254740993|3.14159265358979323846264|t|NULL",
+            "9007199254740995|2.71828182845904523536028|f|4.503599627370498e+15",
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_script_that_does_not_compile_stops_start() {
     let (_dir, path) = script("import * as api from \"replicator@v1\";\napi.configureTable(\"kv\", {\n  cas: [\"_timestamp\"\n});\n");

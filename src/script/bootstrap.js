@@ -9,6 +9,8 @@
     tables: Object.create(null),
     options: Object.create(null),
     tx: null,
+    // While apply runs: each op handed to it (and its data and key) to its index.
+    origin: new Map(),
   };
 
   // ---- console ----------------------------------------------------------
@@ -478,6 +480,22 @@
     }
   }
 
+  // The parts of a handed op that a script passing it on keeps, even when
+  // it builds a new op around them (`{...op, data: {...op.data, x}}`).
+  const OP_PARTS = ["data", "pk", "meta", "before"];
+  // The index of the op handed to apply that `op` is, or whose data, key,
+  // meta or before it carries; -1 for anything else.
+  function originOf(op) {
+    if (op === null || typeof op !== "object") return -1;
+    const origin = reg.origin;
+    let i = origin.get(op);
+    for (let p = 0; i === undefined && p < OP_PARTS.length; p++) {
+      const part = op[OP_PARTS[p]];
+      if (part !== null && typeof part === "object") i = origin.get(part);
+    }
+    return i === undefined ? -1 : i;
+  }
+
   function makeTx(columns, schema, table) {
     return Object.freeze({
       exec: (sql, ...args) =>
@@ -485,9 +503,13 @@
           native.tx("exec", String(sql), JSON.stringify(args));
         }),
       query: (sql, ...args) => settle(() => JSON.parse(native.tx("query", String(sql), JSON.stringify(args)))),
+      // Sent as [from, ops]: from[i] is the index of the op handed to
+      // apply that ops[i] is, or carries the data or key of (-1: none), so
+      // that meridian puts back the exact numbers a double rounded.
       apply: (ops) =>
         settle(() => {
-          native.tx("apply", "", JSON.stringify(ops));
+          const from = isArray(ops) ? ops.map(originOf) : [];
+          native.tx("apply", "", JSON.stringify([from, ops]));
         }),
       columns: () => columns.map((c) => Object.assign({}, c)),
       schema: () => schema,
@@ -498,11 +520,19 @@
   function runApply(key, json, columnsJson, schema, table) {
     const t = reg.tables[key];
     reg.tx = makeTx(JSON.parse(columnsJson), schema, table);
-    return settle(() => t.apply(JSON.parse(json))).then(() => "null");
+    const ops = JSON.parse(json);
+    reg.origin = new Map();
+    for (let i = 0; i < ops.length; i++) {
+      const op = ops[i];
+      reg.origin.set(op, i);
+      for (const p of OP_PARTS) if (op[p] !== undefined) reg.origin.set(op[p], i);
+    }
+    return settle(() => t.apply(ops)).then(() => "null");
   }
 
   function endApply() {
     reg.tx = null;
+    reg.origin = new Map();
   }
 
   Object.defineProperty(globalThis, "__meridian", {

@@ -619,7 +619,7 @@ impl Engine {
             tokio::select! {
                 biased;
                 Some(req) = incoming.recv() => {
-                    let res = serve_tx(&mut *tx, req.kind, &req.sql, &req.args_json).await;
+                    let res = serve_tx(&mut *tx, req.kind, &req.sql, &req.args_json, &ops_json).await;
                     let _ = req.reply.send(res);
                 }
                 res = &mut answer => break res.map_err(|_| self.gone())?,
@@ -641,11 +641,14 @@ struct RawTable {
     delete_key_fn: bool,
 }
 
+/// Serves one `getTX()` call. `handed`: the ops the script's apply was
+/// given, which the ops it passes on take their exact numbers from.
 async fn serve_tx(
     tx: &mut dyn ScriptTx,
     kind: TxKind,
     sql: &str,
     args_json: &str,
+    handed: &[Value],
 ) -> Result<String, String> {
     match kind {
         TxKind::Exec => {
@@ -658,10 +661,27 @@ async fn serve_tx(
             serde_json::to_string(&rows).map_err(|e| e.to_string())
         }
         TxKind::Apply => {
-            let ops: Vec<Value> = serde_json::from_str(args_json).map_err(|e| e.to_string())?;
+            // [from, ops]: from[i] is the handed op ops[i] came from, or -1.
+            let (from, ops): (Vec<i64>, Value) =
+                serde_json::from_str(args_json).map_err(|e| e.to_string())?;
+            let Value::Array(ops) = ops else {
+                return Err(format!(
+                    "apply: the argument must be an array of operations, not {}",
+                    short(&ops)
+                ));
+            };
             let ops = ops
                 .into_iter()
-                .map(parse_op)
+                .enumerate()
+                .map(|(i, mut op)| {
+                    let origin = from.get(i).and_then(|&f| usize::try_from(f).ok());
+                    if let (Value::Object(op), Some(Value::Object(own))) =
+                        (&mut op, origin.and_then(|f| handed.get(f)))
+                    {
+                        restore_exact_numbers(op, own);
+                    }
+                    parse_op(op)
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             tx.apply(ops).await.map(|_| "null".to_string())
         }
