@@ -9,8 +9,11 @@
     tables: Object.create(null),
     options: Object.create(null),
     tx: null,
-    // While apply runs: each op handed to it (and its data and key) to its index.
+    // While apply runs: the ops handed to it, each op to its index, and
+    // (built when first needed) each op's parts to its index.
+    handed: [],
     origin: new Map(),
+    originParts: null,
   };
 
   // ---- console ----------------------------------------------------------
@@ -487,11 +490,24 @@
   // meta or before it carries; -1 for anything else.
   function originOf(op) {
     if (op === null || typeof op !== "object") return -1;
-    const origin = reg.origin;
-    let i = origin.get(op);
+    let i = reg.origin.get(op);
+    if (i !== undefined) return i;
+    // Most scripts pass the ops themselves: the parts are indexed only
+    // once one does not.
+    let parts = reg.originParts;
+    if (parts === null) {
+      parts = reg.originParts = new Map();
+      const handed = reg.handed;
+      for (let h = 0; h < handed.length; h++) {
+        for (const p of OP_PARTS) {
+          const part = handed[h][p];
+          if (part !== null && typeof part === "object") parts.set(part, h);
+        }
+      }
+    }
     for (let p = 0; i === undefined && p < OP_PARTS.length; p++) {
       const part = op[OP_PARTS[p]];
-      if (part !== null && typeof part === "object") i = origin.get(part);
+      if (part !== null && typeof part === "object") i = parts.get(part);
     }
     return i === undefined ? -1 : i;
   }
@@ -521,18 +537,18 @@
     const t = reg.tables[key];
     reg.tx = makeTx(JSON.parse(columnsJson), schema, table);
     const ops = JSON.parse(json);
+    reg.handed = ops;
     reg.origin = new Map();
-    for (let i = 0; i < ops.length; i++) {
-      const op = ops[i];
-      reg.origin.set(op, i);
-      for (const p of OP_PARTS) if (op[p] !== undefined) reg.origin.set(op[p], i);
-    }
+    reg.originParts = null;
+    for (let i = 0; i < ops.length; i++) reg.origin.set(ops[i], i);
     return settle(() => t.apply(ops)).then(() => "null");
   }
 
   function endApply() {
     reg.tx = null;
+    reg.handed = [];
     reg.origin = new Map();
+    reg.originParts = null;
   }
 
   Object.defineProperty(globalThis, "__meridian", {
