@@ -366,6 +366,47 @@ async fn numbers_passed_through_get_tx_apply_stay_exact() {
     );
 }
 
+/// A promise a `dispatch` starts and does not return settles before the
+/// dispatch call ends, under its deadline: a runaway loop in it fails the
+/// request that started it, not a later one (where it would also have run
+/// inside that request's `apply`, with its `getTX()`).
+#[tokio::test]
+async fn promises_left_by_dispatch_settle_within_their_request() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureSource("stray.public", {
+          dispatch: (doc: any, meta) => {
+            if (doc.k === 2) Promise.resolve().then(() => { for (;;) {} });
+            return { [meta.table as string]: [doc] };
+          },
+          deletesTo: "",
+        });"#,
+    );
+    let f = fixture(
+        "stray",
+        "CREATE TABLE t (k INT8 PRIMARY KEY)",
+        &["--userscript", &path, "--userscriptTimeout", "500ms"],
+    )
+    .await;
+    let row = |k: i64| {
+        batch(&[format!(
+            r#"{{"after":{{"k":{k}}},"key":[{k}],"topic":"t","updated":"{k}.0"}}"#
+        )])
+    };
+    f.post_ok("/stray/public", row(1)).await;
+    let (status, text) = f.post("/stray/public", row(2)).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("timed out"), "{text}");
+    for k in 3..=6 {
+        f.post_ok("/stray/public", row(k)).await;
+    }
+    assert_eq!(
+        f.dump("SELECT string_agg(k::text, ',' ORDER BY k) FROM t")
+            .await,
+        vec!["1,3,4,5,6"]
+    );
+}
+
 #[tokio::test]
 async fn a_script_that_does_not_compile_stops_start() {
     let (_dir, path) = script("import * as api from \"replicator@v1\";\napi.configureTable(\"kv\", {\n  cas: [\"_timestamp\"\n});\n");

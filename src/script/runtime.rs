@@ -476,6 +476,14 @@ impl Worker {
                         }
                     }
                 }
+                // Promises a synchronous entry point (dispatch, map, merge)
+                // started settle now, under this call's deadline: left
+                // queued, they would run inside the next apply's
+                // transaction, where getTX() answers for another request.
+                while ctx.execute_pending_job() {}
+                if self.state.interrupted.get() {
+                    return Err(rquickjs::Exception::throw_message(&ctx, "interrupted"));
+                }
                 if v.is_undefined() || v.is_null() {
                     return Ok("null".to_string());
                 }
