@@ -272,6 +272,21 @@ async fn each_failure_fails_only_its_request() {
         assert_eq!(status, 200, "after {mode}: {text}");
     }
     assert_eq!(f.count("SELECT count(*) FROM kv").await, 5);
+    // A delete the script does not see (deletesTo is a table) still counts:
+    // the error names the row by its place in the payload.
+    let delete = r#"{"after":null,"before":{"k":0},"key":[0],"topic":"kv","updated":"2.0"}"#;
+    let (status, text) = f
+        .post(
+            "/failures/public",
+            batch(&[
+                delete.to_string(),
+                kv_row(101, "TWFw", "east", T1, None, "2.0"),
+            ]),
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("returned a Map for row 1"), "{text}");
+    assert_eq!(f.count("SELECT count(*) FROM kv").await, 5);
 }
 
 /// JavaScript numbers are doubles. Values a script passes through unchanged

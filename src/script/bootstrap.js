@@ -330,8 +330,9 @@
     return out;
   }
 
-  // json: [schema, shapes, topics, times], where `times` holds nanos,
-  // logical pairs; `a` (built by flat.rs) the rows one after another: a header
+  // json: [schema, shapes, topics, times, positions], where `times` holds
+  // nanos, logical pairs and `positions` each row's index in the batch
+  // (null when every row of the batch is here); `a` (built by flat.rs) the rows one after another: a header
   // (shape, isDelete (0/1), topic, time (a pair's index), the number of key
   // values (-1: none); or -2 for the previous row's), the key values, then
   // the document: its values in the order of shapes[shape], or (shape -1)
@@ -348,6 +349,8 @@
     const shapes = input[1];
     const topics = input[2];
     const times = input[3];
+    // Each row's index in the batch (null: the same as here).
+    const positions = input[4];
     const fns = shapes.map(maker);
     const tables = [];
     const codes = [];
@@ -440,7 +443,7 @@
         }
       } else {
         codes[nc++] = -2 - results.length;
-        results.push(routable(shape >= 0 ? encodeRouted(v, doc, same, a, o) : v, key, nc - 1));
+        results.push(routable(shape >= 0 ? encodeRouted(v, doc, same, a, o) : v, key, positions === null ? nc - 1 : positions[nc - 1]));
       }
       o += width;
     }

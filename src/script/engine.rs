@@ -212,7 +212,7 @@ impl Engine {
         // for a delete handed to a `deletesTo` function, its `before` (or {}).
         let empty = Map::new();
         let mut input = DispatchInput::with_capacity(schema, batch.len());
-        for m in &batch {
+        for (i, m) in batch.iter().enumerate() {
             let topic = topic_of(default_table, m)?;
             let shown = match (&m.after, delete_fn) {
                 (Some(after), _) => Some(after),
@@ -220,7 +220,7 @@ impl Engine {
                 (None, false) => None,
             };
             if let Some(doc) = shown {
-                input.push(doc, topic, m);
+                input.push(i, doc, topic, m);
             }
         }
 
@@ -848,6 +848,10 @@ struct DispatchInput {
     rows: usize,
     /// For each row, whether it went by shape.
     simple: Vec<bool>,
+    /// Each row's index in the batch, once a row of the batch was not
+    /// pushed (a delete `dispatch` does not see); `None` while they agree.
+    /// Errors the script's rows raise name the batch's index.
+    positions: Option<Vec<usize>>,
 }
 
 /// More distinct property lists than this in one batch go whole.
@@ -865,6 +869,7 @@ impl DispatchInput {
             last_header: None,
             rows: 0,
             simple: Vec::with_capacity(rows),
+            positions: None,
         }
     }
 
@@ -916,7 +921,17 @@ impl DispatchInput {
     }
 
     /// Adds a row showing the script `doc` for mutation `m` of table `topic`.
-    fn push(&mut self, doc: &Map<String, Value>, topic: &str, m: &Mutation) {
+    /// Adds row `index` of the batch.
+    fn push(&mut self, index: usize, doc: &Map<String, Value>, topic: &str, m: &Mutation) {
+        match &mut self.positions {
+            Some(p) => p.push(index),
+            None if index != self.rows => {
+                let mut p: Vec<usize> = (0..self.rows).collect();
+                p.push(index);
+                self.positions = Some(p);
+            }
+            None => {}
+        }
         self.rows += 1;
         let shape = self.shape_of(doc);
         self.simple.push(shape.is_some());
@@ -954,9 +969,14 @@ impl DispatchInput {
 
     /// The header JSON and the flat values.
     fn finish(self) -> (String, FlatArray) {
-        let header =
-            serde_json::to_string(&(&self.schema, &self.shapes, &self.topics, &self.times))
-                .unwrap_or_default();
+        let header = serde_json::to_string(&(
+            &self.schema,
+            &self.shapes,
+            &self.topics,
+            &self.times,
+            &self.positions,
+        ))
+        .unwrap_or_default();
         (header, self.flat)
     }
 }
