@@ -230,6 +230,9 @@ pub struct ChangefeedMetrics {
     pub scan_rows: IntCounterVec,
     /// 1 while an initial scan is being sent.
     pub scan_running: IntGauge,
+    /// TRUNCATEs of a replicated table, which no changefeed batch can carry:
+    /// the target keeps its rows until an operator acts.
+    pub truncates_skipped: IntCounterVec,
 }
 
 impl ChangefeedMetrics {
@@ -306,6 +309,12 @@ impl ChangefeedMetrics {
                 TABLE,
             ),
             scan_running,
+            truncates_skipped: counter_vec(
+                &r,
+                "changefeed_truncates_skipped_total",
+                "TRUNCATEs of a replicated table at the source, not sent (the target keeps its rows)",
+                TABLE,
+            ),
             registry: r,
         }
     }

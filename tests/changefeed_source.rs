@@ -828,6 +828,26 @@ async fn flush_frequency_holds_small_batches() {
     feed.stop().await;
 }
 
+/// A TRUNCATE has no changefeed form: it is counted per table (for an
+/// alert), nothing is sent for it, and the feed goes on with later changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_is_counted_and_the_feed_goes_on() {
+    let (_, db, sink, o) = kv_feed("cf_truncate").await;
+    let feed = start_streaming(&db, o).await;
+    sql(&db, "INSERT INTO kv (k) VALUES (1), (2)").await;
+    sink.wait_rows(2).await;
+    sql(&db, "TRUNCATE kv").await;
+    sql(&db, "INSERT INTO kv (k) VALUES (3)").await;
+    let rows = sink.wait_rows(3).await;
+    assert_eq!(ks(&rows), [1, 2, 3]);
+    let skipped = feed
+        .metrics
+        .truncates_skipped
+        .with_label_values(&["public", "kv"]);
+    assert_eq!(skipped.get(), 1);
+    feed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_by_rows_and_large_transactions() {
     let (_, db, sink, mut o) = kv_feed("cf_batch").await;

@@ -1453,14 +1453,23 @@ impl Feed {
                     self.write_row(t, relid, Some(&old), None, &st.updated, &mut st.scratch);
                 }
             }
-            Message::Truncate { relids }
-                if relids
+            Message::Truncate { relids } => {
+                // A changefeed batch has no way to say "every row": the
+                // target keeps its rows, and the operator must be told.
+                for t in relids
                     .iter()
-                    .any(|r| self.rels.get(r).is_some_and(|r| r.table.is_some())) =>
-            {
-                tracing::warn!(
-                    "TRUNCATE of a replicated table is not sent (changefeeds have no truncate)"
-                );
+                    .filter_map(|r| self.rels.get(r).and_then(|r| r.table.as_ref()))
+                {
+                    tracing::warn!(
+                        table = %format!("{}.{}", t.schema, t.name),
+                        "TRUNCATE at the source is not replicated (changefeeds carry rows, not truncates): \
+                         truncate the table on the target too, or the two sides differ"
+                    );
+                    self.metrics
+                        .truncates_skipped
+                        .with_label_values(&[&t.schema, &t.name])
+                        .inc();
+                }
             }
             _ => {}
         }
