@@ -934,6 +934,10 @@ impl Feed {
                      (or SELECT meridian_enable('{qualified}', '<region>'); from sql/postgres/setup.sql)"
                 ));
             }
+            // The series exists from the start, so increase() sees the first.
+            self.metrics
+                .truncates_skipped
+                .with_label_values(&[&schema, &table]);
             self.wanted.insert((schema.clone(), table.clone()));
             self.pk_cache.remove(&oid);
             found.push((schema, table, qualified, partitioned));
