@@ -446,22 +446,24 @@ impl Worker {
                 }
                 Ok(params)
             };
+            // Promises the call started and did not return or await (an
+            // async forEach in apply, a stray .then in dispatch) finish now,
+            // under this call's deadline and in this request's transaction:
+            // left queued, they would run inside the next apply on this
+            // runtime, where getTX() answers for another request.
+            let settle_stray = || -> rquickjs::Result<()> {
+                while ctx.execute_pending_job() {}
+                if self.state.interrupted.get() {
+                    return Err(rquickjs::Exception::throw_message(&ctx, "interrupted"));
+                }
+                Ok(())
+            };
             let run = || -> rquickjs::Result<String> {
                 let v: Value = f.call_arg(params()?)?;
                 if let Some(p) = v.as_promise() {
                     loop {
                         if let Some(r) = p.result::<String>() {
-                            // Promises the script did not await (an async
-                            // forEach) finish now, in this request's
-                            // transaction: left queued, they would run in the
-                            // next request's, or never.
-                            while ctx.execute_pending_job() {}
-                            if self.state.interrupted.get() {
-                                return Err(rquickjs::Exception::throw_message(
-                                    &ctx,
-                                    "interrupted",
-                                ));
-                            }
+                            settle_stray()?;
                             return r;
                         }
                         if !ctx.execute_pending_job() {
@@ -476,14 +478,7 @@ impl Worker {
                         }
                     }
                 }
-                // Promises a synchronous entry point (dispatch, map, merge)
-                // started settle now, under this call's deadline: left
-                // queued, they would run inside the next apply's
-                // transaction, where getTX() answers for another request.
-                while ctx.execute_pending_job() {}
-                if self.state.interrupted.get() {
-                    return Err(rquickjs::Exception::throw_message(&ctx, "interrupted"));
-                }
+                settle_stray()?;
                 if v.is_undefined() || v.is_null() {
                     return Ok("null".to_string());
                 }
