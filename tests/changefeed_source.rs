@@ -2,6 +2,9 @@
 //! in-test webhook receiver that records what it accepted and can be told to
 //! fail.
 
+mod common;
+use common::{connect, fresh_db};
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -184,14 +187,6 @@ async fn start_streaming(db: &tokio_postgres::Client, opts: ChangefeedOptions) -
     feed
 }
 
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    c
-}
-
 /// Waits until the changefeed's slot exists and is consistent (so later
 /// writes are captured).
 async fn wait_slot(db: &tokio_postgres::Client, slot: &str) {
@@ -213,18 +208,6 @@ async fn wait_slot(db: &tokio_postgres::Client, slot: &str) {
 
 fn updated(row: &Value) -> Hlc {
     row["updated"].as_str().unwrap().parse().unwrap()
-}
-
-/// A fresh database on the shared cluster, set up with `setup`.
-async fn fresh_db(name: &str, setup: &str) -> (String, tokio_postgres::Client) {
-    let url = pgcluster::shared()
-        .unwrap()
-        .fresh_database(name)
-        .await
-        .unwrap();
-    let db = connect(&url).await;
-    sql(&db, setup).await;
-    (url, db)
 }
 
 async fn kv_db(name: &str) -> (String, tokio_postgres::Client) {

@@ -55,16 +55,11 @@ async fn values_convert_by_column_type() {
 #[tokio::test]
 async fn table_route_and_other_database() {
     let f = fixture("route_main", KV_SCHEMA, &[]).await;
-    let other = meridian::pgcluster::shared()
-        .unwrap()
-        .fresh_database("route_other")
-        .await
-        .unwrap();
-    let other_db = connect(&other).await;
-    other_db
-        .batch_execute("CREATE SCHEMA app; CREATE TABLE app.items (id INT8 PRIMARY KEY, name TEXT)")
-        .await
-        .unwrap();
+    let (_, other_db) = fresh_db(
+        "route_other",
+        "CREATE SCHEMA app; CREATE TABLE app.items (id INT8 PRIMARY KEY, name TEXT)",
+    )
+    .await;
     // No topic in the payload: the URL names the table.
     let body =
         r#"{"payload":[{"after":{"id":7,"name":"seven"},"key":[7],"updated":"5.0"}],"length":1}"#;
@@ -101,8 +96,7 @@ async fn cas_newer_wins_older_goes_to_dlq() {
     assert_eq!(dlq, vec!["kv|10|0|1|null"]);
 
     // Replaying the same request changes nothing and adds nothing to the DLQ.
-    let (status, _) = f.post("/cas_win_loss/public", body).await;
-    assert_eq!(status, 200);
+    f.post_ok("/cas_win_loss/public", body).await;
     assert_eq!(
         f.dump("SELECT k, v, _source FROM kv ORDER BY k").await,
         rows
@@ -694,13 +688,11 @@ async fn schema_change_is_picked_up() {
 #[tokio::test]
 async fn resolved_checkpoints_are_accepted() {
     let f = fixture("resolved", KV_SCHEMA, &[]).await;
-    let (status, _) = f
-        .post(
-            "/resolved/public",
-            r#"{"resolved":"1700000000123456789.0000000000"}"#,
-        )
-        .await;
-    assert_eq!(status, 200);
+    f.post_ok(
+        "/resolved/public",
+        r#"{"resolved":"1700000000123456789.0000000000"}"#,
+    )
+    .await;
     let metrics = f.metrics().await;
     assert!(
         metrics.contains(r#"resolved_timestamp_seconds{schema="public"} 1700000000.1"#),
@@ -754,9 +746,7 @@ async fn jwt_authentication() {
     let dir = tempfile::tempdir().unwrap();
     let public = dir.path().join("pub.pem");
     std::fs::write(&public, key.public_key_pem()).unwrap();
-    let cluster = meridian::pgcluster::shared().unwrap();
-    let url = cluster.fresh_database("jwt").await.unwrap();
-    connect(&url).await.batch_execute(KV_SCHEMA).await.unwrap();
+    let (url, _) = fresh_db("jwt", KV_SCHEMA).await;
     let mut args = start_args(&url, &[]);
     args.disable_authentication = false;
     args.jwt_public_key = vec![public];
@@ -1001,8 +991,7 @@ async fn typed_columns_round_trip_exactly() {
     let second = batch(&mixed.iter().map(|(i, r)| row(*i, r)).collect::<Vec<_>>());
     expect.extend(mixed);
     for body in [&first, &second, &first] {
-        let (status, out) = f.post("/typed_round_trip/public", body.clone()).await;
-        assert_eq!(status, 200, "{out}");
+        f.post_ok("/typed_round_trip/public", body.clone()).await;
     }
     for (id, r) in expect {
         for ((c, ty), (json, lit)) in COLS.iter().zip(r) {

@@ -425,11 +425,7 @@ async fn promises_left_by_dispatch_settle_within_their_request() {
 #[tokio::test]
 async fn a_script_that_does_not_compile_stops_start() {
     let (_dir, path) = script("import * as api from \"replicator@v1\";\napi.configureTable(\"kv\", {\n  cas: [\"_timestamp\"\n});\n");
-    let url = meridian::pgcluster::shared()
-        .unwrap()
-        .fresh_database("no_compile")
-        .await
-        .unwrap();
+    let (url, _) = fresh_db("no_compile", "").await;
     let err = match meridian::server::serve(start_args(&url, &["--userscript", &path])).await {
         Err(e) => format!("{e:#}"),
         Ok(_) => panic!("started with a broken script"),

@@ -42,12 +42,24 @@ pub async fn connect(url: &str) -> Client {
 }
 
 /// A fresh database named `name` on the shared cluster, set up with `setup`
-/// SQL, and a receiver started with `extra` flags.
-pub async fn fixture(name: &str, setup: &str, extra: &[&str]) -> Fixture {
-    let cluster = meridian::pgcluster::shared().expect("test cluster");
-    let url = cluster.fresh_database(name).await.expect("database");
+/// SQL (a failure names the SQL): its URL and a connection.
+pub async fn fresh_db(name: &str, setup: &str) -> (String, Client) {
+    let url = meridian::pgcluster::shared()
+        .expect("test cluster")
+        .fresh_database(name)
+        .await
+        .expect("database");
     let db = connect(&url).await;
-    db.batch_execute(setup).await.expect("setup SQL");
+    if let Err(e) = db.batch_execute(setup).await {
+        panic!("{setup}: {e}");
+    }
+    (url, db)
+}
+
+/// A fresh database (see [`fresh_db`]) and a receiver started on it with
+/// `extra` flags.
+pub async fn fixture(name: &str, setup: &str, extra: &[&str]) -> Fixture {
+    let (url, db) = fresh_db(name, setup).await;
     let server = meridian::server::serve(start_args(&url, extra))
         .await
         .expect("server starts");
