@@ -9,11 +9,6 @@
     tables: Object.create(null),
     options: Object.create(null),
     tx: null,
-    // While apply runs: the ops handed to it, each op to its index, and
-    // (built when first needed) each op's parts to its index.
-    handed: [],
-    origin: new Map(),
-    originParts: null,
   };
 
   // ---- console ----------------------------------------------------------
@@ -489,33 +484,40 @@
   // The parts of a handed op that a script passing it on keeps, even when
   // it builds a new op around them (`{...op, data: {...op.data, x}}`).
   const OP_PARTS = ["data", "pk", "meta", "before"];
-  // The index of the op handed to apply that `op` is, or whose data, key,
-  // meta or before it carries; -1 for anything else.
-  function originOf(op) {
-    if (op === null || typeof op !== "object") return -1;
-    let i = reg.origin.get(op);
-    if (i !== undefined) return i;
-    // Most scripts pass the ops themselves: the parts are indexed only
-    // once one does not.
-    let parts = reg.originParts;
-    if (parts === null) {
-      parts = reg.originParts = new Map();
-      const handed = reg.handed;
-      for (let h = 0; h < handed.length; h++) {
-        for (const p of OP_PARTS) {
-          const part = handed[h][p];
-          if (part !== null && typeof part === "object") parts.set(part, h);
+  // For the ops handed to apply (a copy: the script may reorder its array),
+  // a function giving the index of the handed op that an op passed to
+  // getTX().apply is, or whose data, key, meta or before it carries; -1 for
+  // anything else. Each index is built only when first needed: most scripts
+  // pass the ops themselves, and many never call getTX().apply.
+  function origins(handed) {
+    let byOp = null;
+    let byPart = null;
+    return function (op) {
+      if (op === null || typeof op !== "object") return -1;
+      if (byOp === null) {
+        byOp = new Map();
+        for (let h = 0; h < handed.length; h++) byOp.set(handed[h], h);
+      }
+      let i = byOp.get(op);
+      if (i !== undefined) return i;
+      if (byPart === null) {
+        byPart = new Map();
+        for (let h = 0; h < handed.length; h++) {
+          for (const p of OP_PARTS) {
+            const part = handed[h][p];
+            if (part !== null && typeof part === "object") byPart.set(part, h);
+          }
         }
       }
-    }
-    for (let p = 0; i === undefined && p < OP_PARTS.length; p++) {
-      const part = op[OP_PARTS[p]];
-      if (part !== null && typeof part === "object") i = parts.get(part);
-    }
-    return i === undefined ? -1 : i;
+      for (let p = 0; i === undefined && p < OP_PARTS.length; p++) {
+        const part = op[OP_PARTS[p]];
+        if (part !== null && typeof part === "object") i = byPart.get(part);
+      }
+      return i === undefined ? -1 : i;
+    };
   }
 
-  function makeTx(columns, schema, table) {
+  function makeTx(columns, schema, table, originOf) {
     return Object.freeze({
       exec: (sql, ...args) =>
         settle(() => {
@@ -538,20 +540,13 @@
 
   function runApply(key, json, columnsJson, schema, table) {
     const t = reg.tables[key];
-    reg.tx = makeTx(JSON.parse(columnsJson), schema, table);
     const ops = JSON.parse(json);
-    reg.handed = ops;
-    reg.origin = new Map();
-    reg.originParts = null;
-    for (let i = 0; i < ops.length; i++) reg.origin.set(ops[i], i);
+    reg.tx = makeTx(JSON.parse(columnsJson), schema, table, origins(ops.slice()));
     return settle(() => t.apply(ops)).then(() => "null");
   }
 
   function endApply() {
     reg.tx = null;
-    reg.handed = [];
-    reg.origin = new Map();
-    reg.originParts = null;
   }
 
   Object.defineProperty(globalThis, "__meridian", {
