@@ -141,16 +141,14 @@ impl Receiver {
                 .with_label_values(&[schema, "(dispatch)"])
                 .inc_by(dispatched_away);
         }
-        // Rows of one table arrive together and share one name: group them
-        // by that name's pointer first, by value only when it changes.
+        // Rows of one table arrive together and share one name: the newest
+        // group is searched first, and `Arc`'s `==` compares pointers before
+        // values (TableName is Eq).
         let mut groups: Vec<(Arc<TableName>, Vec<Mutation>)> = Vec::new();
         for Routed { table, mutation } in routed {
-            match groups.last_mut() {
-                Some((t, muts)) if Arc::ptr_eq(t, &table) => muts.push(mutation),
-                _ => match groups.iter_mut().find(|(t, _)| **t == *table) {
-                    Some((_, muts)) => muts.push(mutation),
-                    None => groups.push((table, vec![mutation])),
-                },
+            match groups.iter_mut().rev().find(|(t, _)| *t == table) {
+                Some((_, muts)) => muts.push(mutation),
+                None => groups.push((table, vec![mutation])),
             }
         }
         let mut by_table: BTreeMap<TableName, Vec<Mutation>> = groups
