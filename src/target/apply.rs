@@ -95,6 +95,10 @@ struct RowReader<'s> {
     rules: &'s WriteRules,
     /// By column index: the columns to read (`None`: all, strictly).
     only: Option<Vec<bool>>,
+    /// The same columns in column order, read directly by name when no
+    /// extras column is among them (a CAS compare reads one or two columns
+    /// of rows that may have many).
+    only_cols: Option<Vec<usize>>,
     extras: Option<usize>,
 }
 
@@ -125,10 +129,17 @@ impl<'s> RowReader<'s> {
         });
         // Extras are gathered only when their column is read.
         let extras = extras.filter(|&i| only.as_ref().is_none_or(|m| m[i]));
+        let only_cols = only.as_ref().map(|m| {
+            m.iter()
+                .enumerate()
+                .filter_map(|(i, &read)| read.then_some(i))
+                .collect()
+        });
         Ok(RowReader {
             schema,
             rules,
             only,
+            only_cols,
             extras,
         })
     }
@@ -137,6 +148,18 @@ impl<'s> RowReader<'s> {
     fn read<'a>(&self, doc: &'a Document, row: &mut RowValues<'a>) -> Result<(), TargetError> {
         let schema = self.schema;
         row.clear();
+        if let (Some(cols), None) = (&self.only_cols, self.extras) {
+            for &i in cols {
+                let col = &schema.columns[i];
+                if col.generated || self.rules.ignore.contains(&col.name) {
+                    continue;
+                }
+                if let Some(value) = doc.get(&col.name) {
+                    row.push((i, convert(schema, col, value)?));
+                }
+            }
+            return Ok(());
+        }
         let mut extras = serde_json::Map::new();
         for (prop, value) in doc {
             if self.rules.ignore.iter().any(|i| i == prop) {
