@@ -447,6 +447,15 @@ async fn delete_key_columns_find_the_rows() {
             .await,
         vec!["cas|b"]
     );
+    // A delete with only its `deleteKey` (no `before`) in a batch with
+    // another row: nothing names its primary key, and it still applies.
+    let body = batch(&[
+        r#"{"after":{"id":3,"ext":"c","ts":1},"key":[3],"topic":"plain","updated":"21.0"}"#
+            .to_string(),
+        r#"{"after":null,"key":["a"],"topic":"plain","updated":"21.0"}"#.to_string(),
+    ]);
+    f.post_ok("/delete_key/public", body).await;
+    assert_eq!(f.dump("SELECT id FROM plain ORDER BY id").await, vec!["3"]);
 }
 
 #[tokio::test]

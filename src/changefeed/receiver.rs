@@ -709,8 +709,17 @@ fn fold_duplicates<'m>(
             out.push(m);
             continue;
         }
-        let key = key_values(schema, &schema.pk, key_is_pk(cfg, m), m)
-            .map_err(|_| missing_pk(schema))?
+        let key = match key_values(schema, &schema.pk, key_is_pk(cfg, m), m) {
+            Ok(key) => key,
+            // A delete found by its `deleteKey` alone (no `before`) names
+            // no primary key to fold on; it applies as sent.
+            Err(_) if !key_is_pk(cfg, m) => {
+                out.push(m);
+                continue;
+            }
+            Err(_) => return Err(missing_pk(schema)),
+        };
+        let key = key
             .into_iter()
             .zip(schema.pk_columns())
             .map(|(v, c)| key_text(v, matches!(c.kind, Kind::Integer | Kind::Number)))
