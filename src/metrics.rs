@@ -4,8 +4,6 @@
 //! the same. Labels are bounded: schema, table, status code, script function;
 //! never keys or error strings.
 
-use std::sync::Arc;
-
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
@@ -321,20 +319,17 @@ impl ChangefeedMetrics {
 
     /// Counts one batch the sink accepted, with its rows per (schema, table);
     /// `scanned`: rows of the initial scan.
-    pub fn record_sent(
+    /// One batch acknowledged, with its rows per `(schema, table)`.
+    pub fn record_sent<'a>(
         &self,
-        counts: &std::collections::HashMap<(Arc<str>, Arc<str>), u64>,
+        counts: impl Iterator<Item = (&'a str, &'a str, u64)>,
         scanned: bool,
     ) {
         self.batches_sent.inc();
-        for ((schema, table), n) in counts {
-            self.rows_sent
-                .with_label_values(&[schema, table])
-                .inc_by(*n);
+        for (schema, table, n) in counts {
+            self.rows_sent.with_label_values(&[schema, table]).inc_by(n);
             if scanned {
-                self.scan_rows
-                    .with_label_values(&[schema, table])
-                    .inc_by(*n);
+                self.scan_rows.with_label_values(&[schema, table]).inc_by(n);
             }
         }
     }

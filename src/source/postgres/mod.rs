@@ -342,7 +342,7 @@ struct TableInfo {
 
 /// What pgoutput told us about a relation, plus where its key columns are.
 struct Rel {
-    table: Option<TableInfo>,
+    table: Option<Arc<TableInfo>>,
     columns: Vec<Column>,
     key_idx: Vec<usize>,
     /// `"column":` per column, escaped once.
@@ -353,7 +353,7 @@ struct Rel {
 
 impl Rel {
     /// `pk`: the primary key's column names (none: every column is the key).
-    fn new(table: Option<TableInfo>, columns: Vec<Column>, pk: &[String]) -> Rel {
+    fn new(table: Option<Arc<TableInfo>>, columns: Vec<Column>, pk: &[String]) -> Rel {
         let mut key_idx = Vec::new();
         if table.is_some() {
             for k in pk {
@@ -396,7 +396,7 @@ struct Line {
     /// Hash of (table, key): rows of one key never travel in two requests
     /// at once.
     key_hash: u64,
-    table: TableInfo,
+    table: Arc<TableInfo>,
 }
 
 /// One committed source transaction (only its replicated rows), its payload
@@ -430,6 +430,9 @@ struct DecodeState {
     /// `cur`'s `updated`, as text.
     updated: String,
     scratch: Vec<Option<(usize, usize)>>,
+    /// The last transaction's buffer and row count with rows, to reserve
+    /// for the next: bulk writes come as runs of like transactions.
+    last_size: (usize, usize),
 }
 
 impl DecodeState {
@@ -439,6 +442,7 @@ impl DecodeState {
             hlc: floor,
             updated: String::new(),
             scratch: Vec::new(),
+            last_size: (0, 0),
         }
     }
 }
@@ -454,7 +458,7 @@ struct OutBatch {
     concurrent: bool,
     /// The newest transaction all of whose rows are in this batch or earlier ones.
     boundary: Option<(u64, Hlc)>,
-    counts: HashMap<(Arc<str>, Arc<str>), u64>,
+    counts: RowCounts,
     newest_commit_micros: i64,
 }
 
@@ -469,14 +473,34 @@ struct Builder {
     body: Vec<u8>,
     rows: usize,
     keys: Vec<u64>,
-    counts: HashMap<(Arc<str>, Arc<str>), u64>,
+    counts: RowCounts,
     newest_commit_micros: i64,
     boundary: Option<(u64, Hlc)>,
     /// Holds part of a transaction too large for one batch.
     split: bool,
+    /// The last finished body's size, to reserve for the next one.
+    capacity: usize,
 }
 
 const BODY_HEAD: &[u8] = b"{\"payload\":[";
+
+/// Rows per table of one batch. Rows come in runs of one table, so the
+/// last entry is checked first and usually is the one.
+#[derive(Default)]
+struct RowCounts(Vec<(Arc<TableInfo>, u64)>);
+
+impl RowCounts {
+    fn add(&mut self, table: &Arc<TableInfo>) {
+        match self.0.iter_mut().rev().find(|(t, _)| Arc::ptr_eq(t, table)) {
+            Some((_, n)) => *n += 1,
+            None => self.0.push((table.clone(), 1)),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &str, u64)> {
+        self.0.iter().map(|(t, n)| (&*t.schema, &*t.name, *n))
+    }
+}
 
 impl Builder {
     fn is_empty(&self) -> bool {
@@ -488,9 +512,11 @@ impl Builder {
         self.body.len().saturating_sub(BODY_HEAD.len())
     }
 
-    fn push(&mut self, line: &[u8], key_hash: u64, table: &TableInfo) {
+    fn push(&mut self, line: &[u8], key_hash: u64, table: &Arc<TableInfo>) {
         if self.body.is_empty() {
-            self.body.reserve(64 * 1024);
+            // As large as the last batch: under load batches fill up, and
+            // growing a body of hundreds of kilobytes copies it each time.
+            self.body.reserve(self.capacity.max(64 * 1024));
             self.body.extend_from_slice(BODY_HEAD);
         } else if self.rows > 0 {
             self.body.push(b',');
@@ -498,10 +524,7 @@ impl Builder {
         self.body.extend_from_slice(line);
         self.rows += 1;
         self.keys.push(key_hash);
-        *self
-            .counts
-            .entry((table.schema.clone(), table.name.clone()))
-            .or_default() += 1;
+        self.counts.add(table);
     }
 
     fn finish(&mut self, full: bool) -> OutBatch {
@@ -510,6 +533,7 @@ impl Builder {
             b.body
                 .extend_from_slice(format!("],\"length\":{}}}", b.rows).as_bytes());
         }
+        self.capacity = b.body.len().min(4 << 20);
         OutBatch {
             concurrent: full && !b.split && b.rows > 0,
             body: b.body,
@@ -529,7 +553,7 @@ struct Flight {
     exclusive: bool,
     keys: Vec<u64>,
     boundary: Option<(u64, Hlc)>,
-    counts: HashMap<(Arc<str>, Arc<str>), u64>,
+    counts: RowCounts,
     newest_commit_micros: i64,
 }
 
@@ -540,8 +564,9 @@ struct Pipeline {
     builder: Builder,
     window: VecDeque<Flight>,
     tasks: tokio::task::JoinSet<(u64, Result<(), SendError>)>,
-    /// Key hashes of batches in flight.
-    keys: HashMap<u64, u32>,
+    /// Key hashes of batches in flight (foldhash: they are hashes already,
+    /// and each row of each batch is counted in and out).
+    keys: foldhash::HashMap<u64, u32>,
     in_flight: usize,
     exclusive: bool,
     next_seq: u64,
@@ -554,7 +579,7 @@ impl Pipeline {
             builder: Builder::default(),
             window: VecDeque::new(),
             tasks: tokio::task::JoinSet::new(),
-            keys: HashMap::new(),
+            keys: foldhash::HashMap::default(),
             in_flight: 0,
             exclusive: false,
             next_seq: 0,
@@ -638,9 +663,13 @@ fn flush_tail(p: &mut Pipeline, concurrent: bool) {
     }
 }
 
+/// Which rows must not travel in two requests at once. A collision only
+/// holds a batch back until the other is acknowledged, so a fast hash with
+/// a fixed seed does (SipHash cost more than the rest of the row's
+/// bookkeeping).
 fn key_hash(table: &TableInfo, key: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = foldhash::fast::FixedState::with_seed(0x6d65_7269_6469_616e).build_hasher();
     table.schema.hash(&mut h);
     table.name.hash(&mut h);
     key.hash(&mut h);
@@ -1337,8 +1366,8 @@ impl Feed {
                     end_lsn: 0,
                     hlc,
                     commit_micros: commit_time_micros,
-                    buf: Vec::new(),
-                    lines: Vec::new(),
+                    buf: Vec::with_capacity(st.last_size.0),
+                    lines: Vec::with_capacity(st.last_size.1),
                 });
                 Ok(0)
             }
@@ -1352,6 +1381,9 @@ impl Feed {
                     t.hlc = st.hlc;
                 } else {
                     st.hlc = t.hlc;
+                    // Capped: one huge transaction must not make every
+                    // later one hold its size.
+                    st.last_size = (t.buf.len().min(1 << 20), rows.min(1 << 13));
                 }
                 push_item(p, Item::Txn(t), flush_rows, flush_bytes);
                 if rows > 0 {
@@ -1417,9 +1449,11 @@ impl Feed {
                 let table = self
                     .wanted
                     .contains(&(namespace.clone(), name.clone()))
-                    .then(|| TableInfo {
-                        schema: namespace.as_str().into(),
-                        name: name.as_str().into(),
+                    .then(|| {
+                        Arc::new(TableInfo {
+                            schema: namespace.as_str().into(),
+                            name: name.as_str().into(),
+                        })
                     });
                 let pk = match table {
                     Some(_) => self.primary_key(db, relid).await?,
@@ -1652,7 +1686,7 @@ impl Feed {
                 }
             }
         }
-        self.metrics.record_sent(&f.counts, self.scanning);
+        self.metrics.record_sent(f.counts.iter(), self.scanning);
         let newest = micros_to_hlc(f.newest_commit_micros);
         self.metrics
             .lag_seconds
