@@ -23,7 +23,8 @@ use crate::script::{
     TableConfig, TableName, Userscript,
 };
 use crate::target::apply::{self, DlqEntry, KeyValues, TableBatch, WriteRules};
-use crate::target::merge::{decimal, three_way, ThreeWay};
+use crate::target::convert::key_text;
+use crate::target::merge::{three_way, ThreeWay};
 use crate::target::schema::Kind;
 use crate::target::{TableSchema, Target, TargetError};
 
@@ -668,14 +669,7 @@ fn delete_key_of<'m>(
     columns: &[usize],
     m: &'m Mutation,
 ) -> Result<KeyValues<'m>, ReceiveError> {
-    match key_values(schema, columns, true, m) {
-        Ok(k) => Ok(k),
-        Err(c) => Err(TargetError::MissingKey {
-            table: schema.name.to_string(),
-            column: schema.columns[c].name.clone(),
-        }
-        .into()),
-    }
+    key_values(schema, columns, true, m).map_err(|c| TargetError::missing_key(schema, c).into())
 }
 
 /// The primary key of a mutation: its `after`, else its `key`, else its `before`.
@@ -740,24 +734,6 @@ fn fold_duplicates<'m>(
     Ok(out)
 }
 
-/// A key value as the column reads it, so that spellings of one key are one
-/// key: a string is its content (`"3"` is the integer `3`, as the column's
-/// input function reads it), a number in a numeric column is its value
-/// (`3.50` is `3.5`, `35e-1` too), anything else its JSON text.
-fn key_text(v: &Value, numeric: bool) -> Cow<'_, str> {
-    let text = match v {
-        Value::String(s) => s.as_str(),
-        Value::Number(n) => n.as_str(),
-        other => return Cow::Owned(other.to_string()),
-    };
-    if numeric && text.contains(['.', 'e', 'E']) {
-        if let Some(d) = decimal(text) {
-            return Cow::Owned(d.normalized().to_string());
-        }
-    }
-    Cow::Borrowed(text)
-}
-
 /// Whether a mutation's `key` holds its primary key: a delete's does not
 /// when the table has a `deleteKey`.
 fn key_is_pk(cfg: &TableConfig, m: &Mutation) -> bool {
@@ -799,16 +775,9 @@ fn key_values<'a>(
     }
 }
 
+/// Every table has a primary key (the schema loader refuses one without).
 fn missing_pk(schema: &TableSchema) -> ReceiveError {
-    TargetError::MissingKey {
-        table: schema.name.to_string(),
-        column: schema
-            .pk_columns()
-            .next()
-            .map(|c| c.name.clone())
-            .unwrap_or_default(),
-    }
-    .into()
+    TargetError::missing_key(schema, schema.pk[0]).into()
 }
 
 /// Drops upserts whose deadline column is older than now minus its duration.

@@ -209,10 +209,7 @@ pub fn prepare<'a>(
         reader.read(doc, &mut row)?;
         for &pk in &schema.pk {
             if !row.iter().any(|(i, v)| *i == pk && v.is_some()) {
-                return Err(TargetError::MissingKey {
-                    table: schema.name.to_string(),
-                    column: schema.columns[pk].name.clone(),
-                });
+                return Err(TargetError::missing_key(schema, pk));
             }
         }
         // Rows of one batch nearly always share the previous row's columns.
@@ -308,21 +305,16 @@ pub fn prepare_keys<'a>(
     let mut values = empty_values(schema, columns, keys.len());
     for (_, key) in keys {
         if key.len() != columns.len() {
-            return Err(TargetError::MissingKey {
-                table: schema.name.to_string(),
-                column: schema.columns[columns[key.len().min(columns.len() - 1)]]
-                    .name
-                    .clone(),
-            });
+            return Err(TargetError::missing_key(
+                schema,
+                columns[key.len().min(columns.len() - 1)],
+            ));
         }
         for (k, &c) in columns.iter().enumerate() {
             let col = &schema.columns[c];
             let text = convert(schema, col, key[k])?;
             if text.is_none() {
-                return Err(TargetError::MissingKey {
-                    table: schema.name.to_string(),
-                    column: col.name.clone(),
-                });
+                return Err(TargetError::missing_key(schema, c));
             }
             values[k].push(text);
         }

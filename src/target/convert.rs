@@ -9,13 +9,38 @@
 //! digit).
 
 use std::borrow::Cow;
+use std::str::FromStr;
 
 use base64::Engine as _;
+use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
 use super::schema::{Column, Kind};
+
+/// A number's exact value, from JSON text (`3.50`, `35e-1`, `"3.5"`).
+pub fn decimal(text: &str) -> Option<BigDecimal> {
+    BigDecimal::from_str(text.trim()).ok()
+}
+
+/// A key value as the column reads it, so that spellings of one key are one
+/// key: a string is its content (`"3"` is the integer `3`, as the column's
+/// input function reads it), a number in a numeric column is its value
+/// (`3.50` is `3.5`, `35e-1` too), anything else its JSON text.
+pub fn key_text(v: &Value, numeric: bool) -> Cow<'_, str> {
+    let text = match v {
+        Value::String(s) => s.as_str(),
+        Value::Number(n) => n.as_str(),
+        other => return Cow::Owned(other.to_string()),
+    };
+    if numeric && text.contains(['.', 'e', 'E']) {
+        if let Some(d) = decimal(text) {
+            return Cow::Owned(d.normalized().to_string());
+        }
+    }
+    Cow::Borrowed(text)
+}
 
 /// Why a value does not fit its column.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -373,7 +398,7 @@ fn put<T>(v: &mut Vec<Option<T>>, x: Option<T>) -> bool {
 /// A float read as the server reads it, or `None` where it might read it
 /// differently: out of range (the server rejects what Rust reads as
 /// infinity or zero), subnormal, NaN and infinity spellings.
-fn float<F: std::str::FromStr + Copy + Into<f64>>(t: &str) -> Option<F> {
+fn float<F: FromStr + Copy + Into<f64>>(t: &str) -> Option<F> {
     let x: F = t.parse().ok()?;
     let f: f64 = x.into();
     let zero_literal = || {

@@ -1,12 +1,10 @@
 //! The standard three-way merge (`standardMerge`): reconciles a proposed row
 //! that lost compare-and-set with the stored row, using the source's `before`.
 
-use std::str::FromStr;
-
-use bigdecimal::BigDecimal;
 use serde_json::Value;
 
 use crate::changefeed::Document;
+use crate::target::convert::decimal;
 
 /// What the three-way merge made of one conflict.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,11 +76,6 @@ fn same(a: &Value, b: &Value) -> bool {
         }
         _ => a == b,
     }
-}
-
-/// A number's exact value, from JSON text (`3.50`, `35e-1`, `"3.5"`).
-pub fn decimal(text: &str) -> Option<BigDecimal> {
-    BigDecimal::from_str(text.trim()).ok()
 }
 
 #[cfg(test)]

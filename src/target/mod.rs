@@ -69,6 +69,14 @@ pub enum TargetError {
 }
 
 impl TargetError {
+    /// A row that gives no value for `schema`'s key column `column`.
+    pub fn missing_key(schema: &TableSchema, column: usize) -> Self {
+        TargetError::MissingKey {
+            table: schema.name.to_string(),
+            column: schema.columns[column].name.clone(),
+        }
+    }
+
     /// Classifies a driver error by SQLSTATE: connection loss, serialization
     /// failures, deadlocks, cancels (statement timeout), resource exhaustion
     /// and foreign keys whose parent may yet arrive are worth retrying.
