@@ -20,6 +20,9 @@ use meridian::cli::{Cli, Command};
 use meridian::pgcluster::PgCluster;
 use tokio_postgres::NoTls;
 
+mod common;
+use common::{machine_cpu, process_cpu};
+
 const SCHEMA: &str = "
 CREATE TABLE kv (k INT8 PRIMARY KEY, v BYTEA, _source TEXT, _timestamp TIMESTAMPTZ);
 CREATE TABLE cdc_sink_dlq (event UUID DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL,
@@ -52,36 +55,6 @@ fn body(start: usize, n: usize, pass: usize) -> String {
         })
         .collect();
     format!(r#"{{"payload":[{}],"length":{n}}}"#, rows.join(","))
-}
-
-/// CPU seconds this process (meridian and the HTTP client) has used.
-fn process_cpu() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    use nix::sys::time::TimeValLike;
-    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
-    (u.user_time().num_microseconds() + u.system_time().num_microseconds()) as f64 / 1e6
-}
-
-/// CPU seconds the whole machine has used (every process: PostgreSQL too),
-/// from the first line of `/proc/stat` (ticks of 10 ms).
-fn machine_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal: all but idle and iowait.
-    let busy: f64 = ticks
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
-        .map(|(_, t)| t)
-        .sum();
-    busy / 100.0
 }
 
 /// Rows/s, CPU µs per row spent in this process (mostly meridian): steadier

@@ -19,7 +19,9 @@
 //!
 //! West is checked cheaply (the last key) and then fully (every row holds the
 //! pass's value); the time is the first full check that passes. At the end
-//! east and west are compared row by row through a checksum.
+//! east and west are compared row by row through a checksum. Each bulk phase
+//! also prints the CPU it cost per row, on the whole machine and in this
+//! process (where meridian's changefeed and receiver run).
 //!
 //! Run: `cargo bench --bench replication` (env: BENCH_ROWS, BENCH_TXN,
 //! BENCH_RATE, BENCH_LAG_SECS, BENCH_ONLY=native|meridian, RUST_LOG).
@@ -31,6 +33,9 @@ use anyhow::{bail, Context, Result};
 use meridian::demo;
 use meridian::pgcluster::PgCluster;
 use tokio_postgres::Client;
+
+mod common;
+use common::{machine_cpu, process_cpu};
 
 const EAST_WEST_TS: &str = include_str!("../userscripts/east_west.ts");
 /// Keys of the lag phase start here, above the bulk phases' keys.
@@ -99,6 +104,11 @@ struct Bulk {
     write: Duration,
     /// Until west held every row.
     total: Duration,
+    /// CPU µs per row over the phase: the whole machine (both clusters and,
+    /// for meridian, the changefeed and receiver), and this process alone
+    /// (for meridian: the changefeed and receiver; for native: the polls).
+    machine_us: f64,
+    process_us: f64,
 }
 
 impl Bulk {
@@ -131,6 +141,7 @@ async fn connect(url: &str) -> Result<Client> {
 async fn bulk(sys: System, east: &Client, west: &Client, sizes: Sizes, pass: i32) -> Result<Bulk> {
     let stmt = east.prepare(sys.write_sql(pass > 1)).await?;
     let n = sizes.rows;
+    let cpu = (machine_cpu(), process_cpu());
     let started = Instant::now();
     let writer = async {
         let mut k = 1;
@@ -171,7 +182,13 @@ async fn bulk(sys: System, east: &Client, west: &Client, sizes: Sizes, pass: i32
         }
     };
     let (write, total) = tokio::try_join!(writer, watcher)?;
-    Ok(Bulk { write, total })
+    let per_row = |s: f64| s * 1e6 / n as f64;
+    Ok(Bulk {
+        write,
+        total,
+        machine_us: per_row(machine_cpu() - cpu.0),
+        process_us: per_row(process_cpu() - cpu.1),
+    })
 }
 
 /// A steady `sizes.rate` rows a second, one transaction every 10 ms; the lag
@@ -264,19 +281,25 @@ async fn phases(
 ) -> Result<(Bulk, Bulk, Lag)> {
     let insert = bulk(sys, east, west, sizes, 1).await?;
     println!(
-        "  {:<8} insert  {:>8.0} rows/s  (east wrote in {:.2}s, west complete after {:.2}s)",
+        "  {:<8} insert  {:>8.0} rows/s  (east wrote in {:.2}s, west complete after {:.2}s; \
+         CPU µs/row: machine {:.1}, this process {:.1})",
         sys.name(),
         insert.rows_per_sec(sizes.rows),
         insert.write.as_secs_f64(),
-        insert.total.as_secs_f64()
+        insert.total.as_secs_f64(),
+        insert.machine_us,
+        insert.process_us
     );
     let update = bulk(sys, east, west, sizes, 2).await?;
     println!(
-        "  {:<8} update  {:>8.0} rows/s  (east wrote in {:.2}s, west complete after {:.2}s)",
+        "  {:<8} update  {:>8.0} rows/s  (east wrote in {:.2}s, west complete after {:.2}s; \
+         CPU µs/row: machine {:.1}, this process {:.1})",
         sys.name(),
         update.rows_per_sec(sizes.rows),
         update.write.as_secs_f64(),
-        update.total.as_secs_f64()
+        update.total.as_secs_f64(),
+        update.machine_us,
+        update.process_us
     );
     let lag = lag(sys, east, west, sizes).await?;
     println!(
@@ -474,6 +497,12 @@ fn main() -> Result<()> {
                 m.update.rows_per_sec(sizes.rows) / n.update.rows_per_sec(sizes.rows),
                 m.lag.p50.as_secs_f64() / n.lag.p50.as_secs_f64(),
                 m.lag.p99.as_secs_f64() / n.lag.p99.as_secs_f64(),
+            );
+            // On a machine where both clusters and the pipeline share the
+            // cores, throughput follows the CPU each row costs everywhere.
+            println!(
+                "  machine CPU µs/row, meridian/native: insert {:.1}/{:.1}  update {:.1}/{:.1}",
+                m.insert.machine_us, n.insert.machine_us, m.update.machine_us, n.update.machine_us,
             );
         }
         for r in [&native, &meridian].into_iter().flatten() {
