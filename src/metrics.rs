@@ -319,7 +319,6 @@ impl ChangefeedMetrics {
 
     /// Counts one batch the sink accepted, with its rows per (schema, table);
     /// `scanned`: rows of the initial scan.
-    /// One batch acknowledged, with its rows per `(schema, table)`.
     pub fn record_sent<'a>(
         &self,
         counts: impl Iterator<Item = (&'a str, &'a str, u64)>,
