@@ -3,7 +3,7 @@
 //! fail.
 
 mod common;
-use common::{connect, fresh_db};
+use common::{connect, fresh_db, sql};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -217,13 +217,6 @@ async fn kv_db(name: &str) -> (String, tokio_postgres::Client) {
          a INT4[], ts TIMESTAMPTZ, by BYTEA); ALTER TABLE kv REPLICA IDENTITY FULL;",
     )
     .await
-}
-
-/// Runs `text` (one or more statements) on `db`; a failure names the SQL.
-async fn sql(db: &tokio_postgres::Client, text: &str) {
-    if let Err(e) = db.batch_execute(text).await {
-        panic!("{text}: {e}");
-    }
 }
 
 /// A fresh `kv` database, a sink, and the options of a changefeed of its

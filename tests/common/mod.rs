@@ -50,10 +50,15 @@ pub async fn fresh_db(name: &str, setup: &str) -> (String, Client) {
         .await
         .expect("database");
     let db = connect(&url).await;
-    if let Err(e) = db.batch_execute(setup).await {
-        panic!("{setup}: {e}");
-    }
+    sql(&db, setup).await;
     (url, db)
+}
+
+/// Runs `text` (one or more statements) on `db`; a failure names the SQL.
+pub async fn sql(db: &Client, text: &str) {
+    if let Err(e) = db.batch_execute(text).await {
+        panic!("{text}: {e}");
+    }
 }
 
 /// A fresh database (see [`fresh_db`]) and a receiver started on it with
