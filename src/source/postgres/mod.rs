@@ -334,10 +334,39 @@ pub async fn run_changefeed(
 }
 
 /// One replicated table.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct TableInfo {
     schema: Arc<str>,
     name: Arc<str>,
+    /// A hasher that has taken the table's name: a row's key hash goes on
+    /// from here.
+    key_hasher: foldhash::fast::FoldHasher<'static>,
+}
+
+impl TableInfo {
+    fn new(schema: &str, name: &str) -> Arc<Self> {
+        use std::hash::{BuildHasher, Hash};
+        let mut key_hasher =
+            foldhash::fast::FixedState::with_seed(0x6d65_7269_6469_616e).build_hasher();
+        schema.hash(&mut key_hasher);
+        name.hash(&mut key_hasher);
+        Arc::new(TableInfo {
+            schema: schema.into(),
+            name: name.into(),
+            key_hasher,
+        })
+    }
+
+    /// Which rows must not travel in two requests at once. A collision only
+    /// holds a batch back until the other is acknowledged, so a fast hash
+    /// with a fixed seed does (SipHash cost more than the rest of the row's
+    /// bookkeeping).
+    fn key_hash(&self, key: &[u8]) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = self.key_hasher.clone();
+        key.hash(&mut h);
+        h.finish()
+    }
 }
 
 /// What pgoutput told us about a relation, plus where its key columns are.
@@ -663,18 +692,6 @@ fn flush_tail(p: &mut Pipeline, concurrent: bool) {
     }
 }
 
-/// Which rows must not travel in two requests at once. A collision only
-/// holds a batch back until the other is acknowledged, so a fast hash with
-/// a fixed seed does (SipHash cost more than the rest of the row's
-/// bookkeeping).
-fn key_hash(table: &TableInfo, key: &[u8]) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = foldhash::fast::FixedState::with_seed(0x6d65_7269_6469_616e).build_hasher();
-    table.schema.hash(&mut h);
-    table.name.hash(&mut h);
-    key.hash(&mut h);
-    h.finish()
-}
 
 struct Probe {
     content: String,
@@ -1449,12 +1466,7 @@ impl Feed {
                 let table = self
                     .wanted
                     .contains(&(namespace.clone(), name.clone()))
-                    .then(|| {
-                        Arc::new(TableInfo {
-                            schema: namespace.as_str().into(),
-                            name: name.as_str().into(),
-                        })
-                    });
+                    .then(|| TableInfo::new(&namespace, &name));
                 let pk = match table {
                     Some(_) => self.primary_key(db, relid).await?,
                     None => Vec::new(),
@@ -1615,7 +1627,7 @@ impl Feed {
                 None => buf.extend_from_slice(b"null"),
             }
         }
-        let key_hash = key_hash(table, &buf[key_start..]);
+        let key_hash = table.key_hash(&buf[key_start..]);
         buf.extend_from_slice(b"],\"topic\":");
         buf.extend_from_slice(&rel.topic_json);
         buf.extend_from_slice(b",\"updated\":\"");

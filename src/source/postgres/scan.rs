@@ -16,7 +16,6 @@
 //! that mark drops the slot and scans again from a new snapshot.
 
 use std::borrow::Cow;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -177,10 +176,7 @@ impl Feed {
             let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
             let (relid, columns) = table_columns(&scan.db, &qualified).await?;
             let pk = self.primary_key(db, relid).await?;
-            let table = Arc::new(TableInfo {
-                schema: schema.as_str().into(),
-                name: name.as_str().into(),
-            });
+            let table = TableInfo::new(&schema, &name);
             // The series exists from the start: an empty table scanned is news too.
             self.metrics.scan_rows.with_label_values(&[&schema, &name]);
             let select: Vec<String> = columns.iter().map(|c| quote_ident(&c.name)).collect();
