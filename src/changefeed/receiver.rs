@@ -356,7 +356,12 @@ impl Receiver {
 
         // Deletes: a delete whose row never existed at the source is dropped.
         // Rows are found by primary key, or by the columns of `deleteKey`.
-        let key_columns = delete_key_columns(schema, cfg)?;
+        let delete_key = column_indexes(schema, &cfg.delete_key)?;
+        let key_columns: &[usize] = if delete_key.is_empty() {
+            &schema.pk
+        } else {
+            &delete_key
+        };
         let mut del: Vec<(usize, KeyValues)> = Vec::new();
         let mut del_muts: Vec<&Mutation> = Vec::new();
         for &m in &deletes {
@@ -364,17 +369,20 @@ impl Receiver {
                 stats.dropped += 1;
                 continue;
             }
-            let key = match &key_columns {
-                Some(columns) => delete_key_of(schema, columns, m)?,
-                None => key_of(schema, cfg, m)?,
-            };
+            // A delete's `key` holds the values of whichever key finds it.
+            let key = key_values(schema, key_columns, true, m).map_err(|c| {
+                if delete_key.is_empty() {
+                    missing_pk(schema)
+                } else {
+                    TargetError::missing_key(schema, c).into()
+                }
+            })?;
             del.push((del_muts.len(), key));
             del_muts.push(m);
         }
         let mut delete_conflicts: Vec<usize> = Vec::new();
         if !del.is_empty() {
-            let columns = key_columns.as_deref().unwrap_or(&schema.pk);
-            let keys = apply::prepare_keys(schema, &del, columns)?;
+            let keys = apply::prepare_keys(schema, &del, key_columns)?;
             if cas.is_empty() {
                 apply::delete(tx, schema, &keys, &[], &keys).await?;
                 stats.deletes += del.len() as u64;
@@ -651,27 +659,6 @@ fn writable_columns(schema: &TableSchema) -> Vec<usize> {
         .collect()
 }
 
-/// The columns of a table's `deleteKey: [columns]`, when it has one.
-fn delete_key_columns(
-    schema: &TableSchema,
-    cfg: &TableConfig,
-) -> Result<Option<Vec<usize>>, ReceiveError> {
-    if cfg.delete_key.is_empty() {
-        return Ok(None);
-    }
-    column_indexes(schema, &cfg.delete_key).map(Some)
-}
-
-/// A delete's values for `columns` (a `deleteKey`): its `key` when that has
-/// one value per column, else its `before` row's values of those columns.
-fn delete_key_of<'m>(
-    schema: &TableSchema,
-    columns: &[usize],
-    m: &'m Mutation,
-) -> Result<KeyValues<'m>, ReceiveError> {
-    key_values(schema, columns, true, m).map_err(|c| TargetError::missing_key(schema, c).into())
-}
-
 /// The primary key of a mutation: its `after`, else its `key`, else its `before`.
 fn key_of<'m>(
     schema: &TableSchema,
@@ -703,11 +690,12 @@ fn fold_duplicates<'m>(
             out.push(m);
             continue;
         }
-        let key = match key_values(schema, &schema.pk, key_is_pk(cfg, m), m) {
+        let key_is_pk = key_is_pk(cfg, m);
+        let key = match key_values(schema, &schema.pk, key_is_pk, m) {
             Ok(key) => key,
             // A delete found by its `deleteKey` alone (no `before`) names
             // no primary key to fold on; it applies as sent.
-            Err(_) if !key_is_pk(cfg, m) => {
+            Err(_) if !key_is_pk => {
                 out.push(m);
                 continue;
             }

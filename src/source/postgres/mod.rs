@@ -692,7 +692,6 @@ fn flush_tail(p: &mut Pipeline, concurrent: bool) {
     }
 }
 
-
 struct Probe {
     content: String,
     emitted: Instant,
