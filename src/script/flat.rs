@@ -5,7 +5,7 @@
 //! integer headers). Writing them as JSON and having `JSON.parse` read them
 //! back costs more than the script's own work per row; here the request's
 //! thread only copies them into a [`FlatArray`] (strings into one buffer),
-//! and [`FlatArray::to_js`] creates the JavaScript values directly. Each
+//! and [`FlatArray::into_array`] creates the JavaScript values directly. Each
 //! value comes out as `JSON.parse` would have produced it from the same
 //! JSON: objects and arrays still go through it, all of a batch's in one
 //! call.
@@ -88,12 +88,10 @@ impl FlatArray {
     }
 
     /// The JavaScript array, created in `ctx`.
-    pub fn to_js<'js>(&self, ctx: &Ctx<'js>) -> rquickjs::Result<Array<'js>> {
+    pub fn into_array<'js>(mut self, ctx: &Ctx<'js>) -> rquickjs::Result<Array<'js>> {
         let nested: Option<Array> = if self.nested > 0 {
-            let mut json = Vec::with_capacity(self.json.len() + 2);
-            json.extend_from_slice(&self.json);
-            json.push(b']');
-            ctx.json_parse(json)?.into_array()
+            self.json.push(b']');
+            ctx.json_parse(std::mem::take(&mut self.json))?.into_array()
         } else {
             None
         };
@@ -174,7 +172,7 @@ mod tests {
             expected.extend([doc.clone(), serde_json::json!(-2)]);
             let expected = serde_json::to_string(&expected).unwrap();
             let got: String = compare
-                .call((flat.to_js(&ctx).unwrap(), expected))
+                .call((flat.into_array(&ctx).unwrap(), expected))
                 .unwrap();
             assert_eq!(got, "ok");
         });

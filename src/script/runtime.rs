@@ -438,10 +438,10 @@ impl Worker {
             }
             let params = || -> rquickjs::Result<Args> {
                 let mut params = Args::new(ctx.clone(), a.len());
-                for arg in &a {
+                for arg in a {
                     match arg {
-                        Arg::Text(s) => params.push_arg(s.as_str())?,
-                        Arg::Flat(f) => params.push_arg(f.to_js(&ctx)?)?,
+                        Arg::Text(s) => params.push_arg(s)?,
+                        Arg::Flat(f) => params.push_arg(f.into_array(&ctx)?)?,
                     }
                 }
                 Ok(params)
