@@ -456,6 +456,62 @@ async fn delete_key_columns_find_the_rows() {
     ]);
     f.post_ok("/delete_key/public", body).await;
     assert_eq!(f.dump("SELECT id FROM plain ORDER BY id").await, vec!["3"]);
+    // On a table with compare-and-set, such a delete has nothing to compare
+    // with: a conflict with the row its `deleteKey` finds, which goes
+    // through the merge to the DLQ and stays.
+    let body = batch(&[
+        r#"{"after":{"id":5,"ext":"e","ts":1},"key":[5],"topic":"cas","updated":"22.0"}"#
+            .to_string(),
+        r#"{"after":null,"key":["b"],"topic":"cas","updated":"22.0"}"#.to_string(),
+    ]);
+    f.post_ok("/delete_key/public", body).await;
+    assert_eq!(
+        f.dump("SELECT id FROM cas ORDER BY id").await,
+        vec!["2", "5"]
+    );
+    assert_eq!(
+        f.dump(
+            "SELECT dlq_name, data_after::text, data_before::text FROM cdc_sink_dlq \
+             ORDER BY source_nanos"
+        )
+        .await,
+        vec![
+            r#"cas|null|{"id": 2, "ts": 5, "ext": "b"}"#,
+            "cas|null|null"
+        ]
+    );
+}
+
+/// A `deleteKey` need not be unique: a delete removes every row it finds
+/// that is not newer than its `before`, and each newer one is a conflict.
+#[tokio::test]
+async fn a_delete_key_may_find_several_rows() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureTable("t", { deleteKey: ["ext"], cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "t" })) });"#,
+    );
+    let setup = format!(
+        "{KV_SCHEMA}
+         CREATE TABLE t (id INT8 PRIMARY KEY, ext TEXT, ts INT8);
+         INSERT INTO t VALUES (1, 'a', 5), (2, 'a', 9), (3, 'a', 7), (4, 'b', 1);"
+    );
+    let f = fixture("delete_key_many", &setup, &["--userscript", &path]).await;
+    let body = batch(&[
+        r#"{"after":null,"before":{"id":1,"ext":"a","ts":5},"key":["a"],"topic":"t","updated":"20.0"}"#
+            .to_string(),
+        r#"{"after":{"id":4,"ext":"b","ts":2},"key":[4],"topic":"t","updated":"20.0"}"#
+            .to_string(),
+    ]);
+    f.post_ok("/delete_key_many/public", body).await;
+    assert_eq!(
+        f.dump("SELECT id || ':' || ts FROM t ORDER BY id").await,
+        vec!["2:9", "3:7", "4:2"]
+    );
+    assert_eq!(
+        f.dump("SELECT dlq_name, data_before->>'id' FROM cdc_sink_dlq")
+            .await,
+        vec!["t|1", "t|1"]
+    );
 }
 
 #[tokio::test]

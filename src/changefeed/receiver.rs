@@ -410,15 +410,34 @@ impl Receiver {
         }
 
         for (columns, lost) in losers {
-            let muts = lost.iter().map(|&i| upserts[i]).collect();
-            self.resolve_conflicts(tx, schema, cfg, &rules, Lost { columns, muts }, stats)
+            let muts: Vec<&Mutation> = lost.iter().map(|&i| upserts[i]).collect();
+            let keys = muts
+                .iter()
+                .map(|m| key_of(schema, cfg, m))
+                .collect::<Result<_, _>>()?;
+            let lost = Lost {
+                columns,
+                muts,
+                key_columns: &schema.pk,
+                keys,
+            };
+            self.resolve_conflicts(tx, schema, cfg, &rules, lost, stats)
                 .await?;
         }
         if !delete_conflicts.is_empty() {
             delete_conflicts.sort_unstable();
-            let muts = delete_conflicts.iter().map(|&i| del_muts[i]).collect();
-            let columns = writable_columns(schema);
-            self.resolve_conflicts(tx, schema, cfg, &rules, Lost { columns, muts }, stats)
+            delete_conflicts.dedup();
+            let mut keys: Vec<Option<KeyValues>> = del.into_iter().map(|(_, k)| Some(k)).collect();
+            let lost = Lost {
+                columns: writable_columns(schema),
+                muts: delete_conflicts.iter().map(|&i| del_muts[i]).collect(),
+                key_columns,
+                keys: delete_conflicts
+                    .iter()
+                    .map(|&i| keys[i].take().expect("each delete conflicts once"))
+                    .collect(),
+            };
+            self.resolve_conflicts(tx, schema, cfg, &rules, lost, stats)
                 .await?;
         }
         Ok(())
@@ -432,17 +451,18 @@ impl Receiver {
         schema: &TableSchema,
         cfg: &TableConfig,
         rules: &WriteRules,
-        lost: Lost<'_>,
+        lost: Lost<'_, '_>,
         stats: &mut TableStats,
     ) -> Result<(), ReceiveError> {
-        let Lost { columns, muts } = lost;
+        let Lost {
+            columns,
+            muts,
+            key_columns,
+            keys,
+        } = lost;
         let columns = &columns[..];
-        let keys: Vec<(usize, KeyValues)> = muts
-            .iter()
-            .enumerate()
-            .map(|(i, m)| key_of(schema, cfg, m).map(|k| (i, k)))
-            .collect::<Result<_, _>>()?;
-        let keys = apply::prepare_keys(schema, &keys, &schema.pk)?;
+        let keys: Vec<(usize, KeyValues)> = keys.into_iter().enumerate().collect();
+        let keys = apply::prepare_keys(schema, &keys, key_columns)?;
         let proposed_docs: Vec<(usize, Option<&Document>)> = muts
             .iter()
             .enumerate()
@@ -609,9 +629,14 @@ async fn write_rows(
 /// Rows that lost compare-and-set (or deletes that found a newer row), with
 /// the columns they were written with: rows of one request may carry
 /// different columns, and each merges on its own.
-struct Lost<'m> {
+struct Lost<'m, 'k> {
     columns: Vec<usize>,
     muts: Vec<&'m Mutation>,
+    /// The columns that find the stored rows: the primary key, or for
+    /// deletes the table's `deleteKey`, which need not be unique.
+    key_columns: &'k [usize],
+    /// Each mutation's values of `key_columns`.
+    keys: Vec<KeyValues<'m>>,
 }
 
 fn schema_may_be_stale(e: &ReceiveError) -> bool {

@@ -551,8 +551,10 @@ pub async fn upsert(
 /// Deletes the rows `keys` identifies (by its columns: the primary key or a
 /// `deleteKey`). With CAS, a row is deleted only when the stored CAS tuple
 /// is not newer than the one in `cas_values` (the delete's `before`);
-/// returns caller ordinals of keys whose rows exist and were kept
-/// (conflicts).
+/// returns caller ordinals of keys that found a row that was kept
+/// (conflicts), each once. The check goes by what the delete did, not by
+/// the statement's snapshot: a row a concurrent local write made newer
+/// while the delete waited for it is kept and reported.
 pub async fn delete(
     tx: &Transaction<'_>,
     schema: &TableSchema,
@@ -564,6 +566,7 @@ pub async fn delete(
     let (key_arrays, key_select) = unnest_source(schema, keys, &rules, "k", 2);
     let ords: Vec<i32> = (0..keys.len() as i32).collect();
     let mut p = params(&ords, keys);
+    // The key that finds the rows: the primary key or a `deleteKey`.
     let pk = columns_match(schema, &keys.columns, "cur", "u");
     let sql = if cas.is_empty() {
         format!(
@@ -594,8 +597,8 @@ pub async fn delete(
         format!(
             "WITH u AS (SELECT u.mrd_o, {}, {} FROM unnest($1::int4[], {}, {}) AS u(mrd_o{}{})), \
              d AS (DELETE FROM {t} AS cur USING u WHERE {pk} AND NOT ({} > {cas_u}) RETURNING {}) \
-             SELECT u.mrd_o FROM u WHERE EXISTS (SELECT 1 FROM {t} AS cur WHERE {pk}) \
-             AND NOT EXISTS (SELECT 1 FROM d WHERE {})",
+             SELECT u.mrd_o FROM u WHERE EXISTS (SELECT 1 FROM {t} AS cur WHERE {pk} \
+             AND NOT EXISTS (SELECT 1 FROM d WHERE {}))",
             select_list(schema, keys, &key_select),
             cas_select.join(", "),
             key_arrays.join(", "),
@@ -603,8 +606,8 @@ pub async fn delete(
             aliases("k", keys.columns.len()),
             aliases("x", cas.len()),
             tuple(schema, "cur", cas),
-            qualified(schema, "cur", &keys.columns),
-            columns_match(schema, &keys.columns, "d", "u"),
+            qualified(schema, "cur", &schema.pk),
+            columns_match(schema, &schema.pk, "d", "cur"),
             t = table_ref(schema),
         )
     };
@@ -630,9 +633,10 @@ pub struct Loser {
     pub before: Option<Document>,
 }
 
-/// Reads the stored rows for `keys` (locking them) and canonicalises the
+/// Reads the stored rows `keys` find (locking them) and canonicalises the
 /// proposed and before documents through the columns' types and `rules`'
-/// expressions, so that all three read as stored values.
+/// expressions, so that all three read as stored values. A key over other
+/// columns than the primary key may find several rows: one [`Loser`] each.
 /// `proposed` and `before` are batches over the same rows as `keys` (either
 /// may be absent).
 pub async fn fetch_losers(
@@ -656,17 +660,11 @@ pub async fn fetch_losers(
     p.extend(keys.params());
     arrays.extend(ka);
     alias.push_str(&aliases("k", keys.columns.len()));
-    let key_cond = schema
-        .pk
+    let key_cond = keys
+        .columns
         .iter()
-        .map(|&pi| {
-            let n = keys
-                .columns
-                .iter()
-                .position(|&c| c == pi)
-                .expect("keys hold the pk");
-            format!("cur.{} = {}", quote_ident(&schema.columns[pi].name), ks[n])
-        })
+        .zip(&ks)
+        .map(|(&c, k)| format!("cur.{} = {k}", quote_ident(&schema.columns[c].name)))
         .collect::<Vec<_>>()
         .join(" AND ");
     let mut next = 3 + keys.columns.len();
@@ -699,11 +697,15 @@ pub async fn fetch_losers(
         }
         _ => "NULL::jsonb".to_string(),
     };
+    // A lateral join, not a scalar subquery: a `deleteKey` need not be
+    // unique, and each stored row it finds is a conflict of its own.
     let sql = format!(
-        "SELECT u.mrd_o, (SELECT to_jsonb(cur) FROM {} AS cur WHERE {key_cond} FOR UPDATE), {proposed_expr}, {before_expr} \
-         FROM unnest({}) AS u({alias}) ORDER BY u.mrd_o",
-        table_ref(schema),
+        "SELECT u.mrd_o, to_jsonb(cur), {proposed_expr}, {before_expr} \
+         FROM unnest({}) AS u({alias}) \
+         LEFT JOIN LATERAL (SELECT * FROM {} AS cur WHERE {key_cond} FOR UPDATE) AS cur ON true \
+         ORDER BY u.mrd_o",
         arrays.join(", "),
+        table_ref(schema),
     );
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
     let rows = tx.query(&stmt, &p).await.map_err(TargetError::db)?;
