@@ -222,6 +222,8 @@ pub struct ChangefeedMetrics {
     pub errors: IntCounterVec,
     pub lag_seconds: prometheus::Gauge,
     pub slot_lag_bytes: IntGauge,
+    /// Decoded change bytes held in memory, not yet sent.
+    pub pending_bytes: IntGauge,
     pub resolved_sent: IntCounter,
     pub send_duration: Histogram,
     /// Rows of the initial scan the sink accepted (also in `rows_sent`).
@@ -271,6 +273,12 @@ impl ChangefeedMetrics {
         r.register(Box::new(lag_seconds.clone())).unwrap();
         r.register(Box::new(slot_lag_bytes.clone())).unwrap();
         r.register(Box::new(send_duration.clone())).unwrap();
+        let pending_bytes = gauge(
+            &r,
+            "changefeed_pending_bytes",
+            "Decoded change bytes held in memory and not yet sent: the open \
+             transaction's rows, the batch being filled and queued batches",
+        );
         let scan_running = gauge(
             &r,
             "changefeed_initial_scan_running",
@@ -298,6 +306,7 @@ impl ChangefeedMetrics {
             retries,
             lag_seconds,
             slot_lag_bytes,
+            pending_bytes,
             resolved_sent,
             send_duration,
             scan_rows: counter_vec(

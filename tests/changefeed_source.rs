@@ -847,6 +847,53 @@ async fn batches_by_rows_and_large_transactions() {
     feed.stop().await;
 }
 
+/// A transaction far larger than a batch goes out as it is decoded: while
+/// the sink refuses its first batch, the changefeed holds a few batches of
+/// it in memory (the stream waits), not the whole transaction; once the sink
+/// answers, every row arrives in order with the transaction's one `updated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_transaction_is_held_a_few_batches_at_a_time() {
+    const ROWS: i64 = 20_000;
+    let (_, db, sink, mut o) = kv_feed("cf_huge").await;
+    o.flush_bytes = 64 * 1024;
+    let feed = start_streaming(&db, o).await;
+    sink.state.lock().unwrap().fail_all = Some(503);
+    // About 21 MB of payload in one transaction.
+    sql(
+        &db,
+        &format!(
+            "INSERT INTO kv (k, v) SELECT g, repeat('x', 1000) FROM generate_series(1, {ROWS}) g"
+        ),
+    )
+    .await;
+    let tried = wait_for(Duration::from_secs(30), || {
+        let sink = sink.clone();
+        async move { sink.state.lock().unwrap().attempts.len() >= 3 }
+    })
+    .await;
+    assert!(tried, "the sink was never tried");
+    // Time to decode as far as the changefeed will while the sink refuses.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pending = feed.metrics.pending_bytes.get();
+    assert!(
+        pending > 0 && pending < 2 << 20,
+        "holds {pending} bytes of a 21 MB transaction"
+    );
+    assert!(sink.accepted().is_empty());
+    sink.state.lock().unwrap().fail_all = None;
+    let rows = sink.wait_rows(ROWS as usize).await;
+    assert_eq!(ks(&rows), (1..=ROWS).collect::<Vec<_>>());
+    assert!(
+        rows.iter().all(|r| r["updated"] == rows[0]["updated"]),
+        "one transaction, one updated"
+    );
+    assert!(sink
+        .accepted()
+        .iter()
+        .all(|b| b["length"].as_u64().unwrap() < 100));
+    feed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misconfigured_sources_say_what_to_fix() {
     let (url, _db) = fresh_db(

@@ -436,6 +436,31 @@ struct Txn {
     commit_micros: i64,
     buf: Vec<u8>,
     lines: Vec<Line>,
+    /// Rows already handed to batches before the commit was decoded (a
+    /// transaction larger than a batch goes out as it is decoded, so that
+    /// memory holds a few batches of it, not all of it).
+    handed_over: usize,
+}
+
+impl Txn {
+    /// An empty transaction stamped `hlc`, with room for `size` (body
+    /// bytes, rows).
+    fn new(hlc: Hlc, commit_micros: i64, size: (usize, usize)) -> Self {
+        Txn {
+            end_lsn: 0,
+            hlc,
+            commit_micros,
+            buf: Vec::with_capacity(size.0),
+            lines: Vec::with_capacity(size.1),
+            handed_over: 0,
+        }
+    }
+
+    /// Whether the rows decoded so far fill a batch: the transaction will
+    /// be split whatever follows.
+    fn fills_batch(&self, flush_rows: usize, flush_bytes: usize) -> bool {
+        self.lines.len() >= flush_rows || self.buf.len() >= flush_bytes
+    }
 }
 
 enum Item {
@@ -619,6 +644,19 @@ impl Pipeline {
         self.queue.is_empty() && self.window.is_empty() && self.builder.is_empty()
     }
 
+    /// Bytes of the batch being filled and of the queued batches.
+    fn queued_bytes(&self) -> usize {
+        let queued: usize = self
+            .queue
+            .iter()
+            .map(|s| match s {
+                Step::Batch(b) => b.body.len(),
+                Step::Probe { .. } => 0,
+            })
+            .sum();
+        queued + self.builder.body.len()
+    }
+
     fn can_dispatch_front(&self, max_in_flight: usize) -> bool {
         match self.queue.front() {
             Some(Step::Batch(b)) => self.can_dispatch(b, max_in_flight),
@@ -647,31 +685,7 @@ impl Pipeline {
 fn push_item(p: &mut Pipeline, item: Item, flush_rows: usize, flush_bytes: usize) {
     match item {
         Item::Txn(t) => {
-            let b = &mut p.builder;
-            if !t.lines.is_empty() {
-                let fits = t.lines.len() <= flush_rows && t.buf.len() <= flush_bytes;
-                if b.rows > 0
-                    && (b.rows + t.lines.len() > flush_rows
-                        || b.bytes() + t.buf.len() > flush_bytes)
-                {
-                    let out = b.finish(true);
-                    p.queue.push_back(Step::Batch(out));
-                }
-                for l in &t.lines {
-                    let b = &mut p.builder;
-                    let len = l.end - l.start;
-                    if b.rows > 0 && (b.rows >= flush_rows || b.bytes() + len + 1 > flush_bytes) {
-                        let out = b.finish(false);
-                        p.queue.push_back(Step::Batch(out));
-                    }
-                    let b = &mut p.builder;
-                    if !fits {
-                        b.split = true;
-                    }
-                    b.push(&t.buf[l.start..l.end], l.key_hash, &l.table);
-                    b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
-                }
-            }
+            push_rows(p, &t, flush_rows, flush_bytes);
             let b = &mut p.builder;
             b.boundary = Some((t.end_lsn, t.hlc));
             b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
@@ -680,6 +694,49 @@ fn push_item(p: &mut Pipeline, item: Item, flush_rows: usize, flush_bytes: usize
             flush_tail(p, false);
             p.queue.push_back(Step::Probe { lsn, content, at });
         }
+    }
+}
+
+/// Hands the rows of a transaction still being decoded to batches once they
+/// fill one (it will be split anyway), so that a huge transaction is held a
+/// few batches at a time: the stream is not read while the queue is full.
+fn hand_over(p: &mut Pipeline, t: &mut Txn, flush_rows: usize, flush_bytes: usize) {
+    if !t.fills_batch(flush_rows, flush_bytes) {
+        return;
+    }
+    push_rows(p, t, flush_rows, flush_bytes);
+    t.handed_over += t.lines.len();
+    t.lines.clear();
+    t.buf.clear();
+}
+
+/// Appends a transaction's decoded rows to the batches; those of a
+/// transaction that does not fit one batch are marked split (they go alone,
+/// in order).
+fn push_rows(p: &mut Pipeline, t: &Txn, flush_rows: usize, flush_bytes: usize) {
+    if t.lines.is_empty() {
+        return;
+    }
+    let fits = t.handed_over == 0 && t.lines.len() <= flush_rows && t.buf.len() <= flush_bytes;
+    let b = &mut p.builder;
+    if b.rows > 0 && (b.rows + t.lines.len() > flush_rows || b.bytes() + t.buf.len() > flush_bytes)
+    {
+        let out = b.finish(true);
+        p.queue.push_back(Step::Batch(out));
+    }
+    for l in &t.lines {
+        let b = &mut p.builder;
+        let len = l.end - l.start;
+        if b.rows > 0 && (b.rows >= flush_rows || b.bytes() + len + 1 > flush_bytes) {
+            let out = b.finish(false);
+            p.queue.push_back(Step::Batch(out));
+        }
+        let b = &mut p.builder;
+        if !fits {
+            b.split = true;
+        }
+        b.push(&t.buf[l.start..l.end], l.key_hash, &l.table);
+        b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
     }
 }
 
@@ -1303,6 +1360,10 @@ impl Feed {
             if p.idle() && st.cur.is_none() {
                 self.metrics.lag_seconds.set(0.0);
             }
+            let open = st.cur.as_ref().map_or(0, |t| t.buf.len());
+            self.metrics
+                .pending_bytes
+                .set((open + p.queued_bytes()) as i64);
 
             if self.last_slot_lag.elapsed() >= Duration::from_secs(1) {
                 self.last_slot_lag = Instant::now();
@@ -1378,13 +1439,7 @@ impl Feed {
                 let hlc = micros_to_hlc(commit_time_micros).max(next(st.hlc));
                 st.updated.clear();
                 let _ = write!(st.updated, "{hlc}");
-                st.cur = Some(Txn {
-                    end_lsn: 0,
-                    hlc,
-                    commit_micros: commit_time_micros,
-                    buf: Vec::with_capacity(st.last_size.0),
-                    lines: Vec::with_capacity(st.last_size.1),
-                });
+                st.cur = Some(Txn::new(hlc, commit_time_micros, st.last_size));
                 Ok(0)
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
@@ -1392,14 +1447,14 @@ impl Feed {
                     return Ok(0);
                 };
                 t.end_lsn = end_lsn.as_u64();
-                let rows = t.lines.len();
+                let rows = t.handed_over + t.lines.len();
                 if rows == 0 {
                     t.hlc = st.hlc;
                 } else {
                     st.hlc = t.hlc;
                     // Capped: one huge transaction must not make every
                     // later one hold its size.
-                    st.last_size = (t.buf.len().min(1 << 20), rows.min(1 << 13));
+                    st.last_size = (t.buf.len().min(1 << 20), t.lines.len().min(1 << 13));
                 }
                 push_item(p, Item::Txn(t), flush_rows, flush_bytes);
                 if rows > 0 {
@@ -1410,6 +1465,9 @@ impl Feed {
             ReplicationEvent::XLogData { data, .. } => {
                 let msg = pgoutput::decode(&data)?;
                 self.on_message(db, st, msg).await?;
+                if let Some(t) = st.cur.as_mut() {
+                    hand_over(p, t, flush_rows, flush_bytes);
+                }
                 Ok(0)
             }
             ReplicationEvent::Message {

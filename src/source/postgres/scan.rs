@@ -196,13 +196,7 @@ impl Feed {
                     .simple_query(&format!("FETCH {fetch_rows} FROM meridian_scan"))
                     .await
                     .with_context(|| format!("scanning {qualified}"))?;
-                let mut txn = Txn {
-                    end_lsn: 0,
-                    hlc: scan.at,
-                    commit_micros,
-                    buf: Vec::new(),
-                    lines: Vec::new(),
-                };
+                let mut txn = Txn::new(scan.at, commit_micros, (0, 0));
                 let mut datums: Vec<Datum> = Vec::new();
                 for m in &fetched {
                     let SimpleQueryMessage::Row(row) = m else {
