@@ -847,6 +847,30 @@ async fn batches_by_rows_and_large_transactions() {
     feed.stop().await;
 }
 
+/// DDL on a streamed table (a key column renamed, the primary key replaced)
+/// is followed by a new Relation message, and rows then carry their new key
+/// rather than one the changefeed remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_changes_by_ddl_are_read_again() {
+    let (_, db, sink, o) = kv_feed("cf_key_ddl").await;
+    let feed = start_streaming(&db, o).await;
+    sql(&db, "INSERT INTO kv (k, v) VALUES (1, 'a')").await;
+    sink.wait_rows(1).await;
+    sql(&db, "ALTER TABLE kv RENAME COLUMN k TO id").await;
+    sql(&db, "INSERT INTO kv (id, v) VALUES (2, 'b')").await;
+    let rows = sink.wait_rows(2).await;
+    assert_eq!(rows[1]["key"], json!([2]), "{:#}", rows[1]);
+    sql(
+        &db,
+        "ALTER TABLE kv DROP CONSTRAINT kv_pkey; ALTER TABLE kv ADD PRIMARY KEY (v, id)",
+    )
+    .await;
+    sql(&db, "INSERT INTO kv (id, v) VALUES (3, 'c')").await;
+    let rows = sink.wait_rows(3).await;
+    assert_eq!(rows[2]["key"], json!(["c", 3]), "{:#}", rows[2]);
+    feed.stop().await;
+}
+
 /// A transaction far larger than a batch goes out as it is decoded: while
 /// the sink refuses its first batch, the changefeed holds a few batches of
 /// it in memory (the stream waits), not the whole transaction; once the sink

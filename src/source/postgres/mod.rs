@@ -763,8 +763,6 @@ struct Feed {
     probe_prefix: String,
     /// Replicated tables by (schema, name).
     wanted: HashSet<(String, String)>,
-    /// Primary key column names by relation oid.
-    pk_cache: HashMap<u32, Vec<String>>,
     rels: HashMap<u32, Rel>,
     /// Every `updated` or resolved sent so far is at or below this.
     floor: Hlc,
@@ -939,7 +937,6 @@ impl Feed {
             metrics,
             sink,
             wanted: HashSet::new(),
-            pk_cache: HashMap::new(),
             rels: HashMap::new(),
             floor: Hlc::default(),
             last_resolved: Hlc::default(),
@@ -1041,7 +1038,6 @@ impl Feed {
                 .truncates_skipped
                 .with_label_values(&[&schema, &table]);
             self.wanted.insert((schema.clone(), table.clone()));
-            self.pk_cache.remove(&oid);
             found.push((schema, table, qualified, partitioned));
         }
         if !problems.is_empty() {
@@ -1524,6 +1520,9 @@ impl Feed {
                     .wanted
                     .contains(&(namespace.clone(), name.clone()))
                     .then(|| TableInfo::new(&namespace, &name));
+                // A Relation message comes at the start of a stream and
+                // again after DDL on the table, which may have renamed or
+                // replaced its key: the key is read again each time.
                 let pk = match table {
                     Some(_) => self.primary_key(db, relid).await?,
                     None => Vec::new(),
@@ -1794,14 +1793,9 @@ impl Feed {
         }
     }
 
-    async fn primary_key(
-        &mut self,
-        db: &tokio_postgres::Client,
-        relid: u32,
-    ) -> Result<Vec<String>> {
-        if let Some(pk) = self.pk_cache.get(&relid) {
-            return Ok(pk.clone());
-        }
+    /// The table's primary-key column names, in key order, as the catalog
+    /// holds them now.
+    async fn primary_key(&self, db: &tokio_postgres::Client, relid: u32) -> Result<Vec<String>> {
         let rows = db
             .query(
                 "SELECT a.attname::text FROM pg_index i \
@@ -1811,9 +1805,7 @@ impl Feed {
                 &[&relid],
             )
             .await?;
-        let pk: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        self.pk_cache.insert(relid, pk.clone());
-        Ok(pk)
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Reports the acknowledged position to the server (sent with the next
