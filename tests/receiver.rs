@@ -477,40 +477,45 @@ async fn delete_key_columns_find_the_rows() {
         .await,
         vec![
             r#"cas|null|{"id": 2, "ts": 5, "ext": "b"}"#,
-            "cas|null|null"
+            // With no `before`, the DLQ keeps the key that found the row.
+            r#"cas|null|{"ext": "b"}"#
         ]
     );
 }
 
 /// A `deleteKey` need not be unique: a delete removes every row it finds
-/// that is not newer than its `before`, and each newer one is a conflict.
+/// that is not newer than its `before` (or was never stamped), and each
+/// newer one is a conflict of its own, beside an upsert that lost.
 #[tokio::test]
 async fn a_delete_key_may_find_several_rows() {
     let (_dir, path) = script(
         r#"import * as api from "replicator@v1";
-        api.configureTable("t", { deleteKey: ["ext"], cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "t" })) });"#,
+        api.configureTable("t", { deleteKey: ["ext"], cas: ["ts"], merge: api.standardMerge((op) => ({ dlq: "t" + op.target.id })) });"#,
     );
     let setup = format!(
         "{KV_SCHEMA}
          CREATE TABLE t (id INT8 PRIMARY KEY, ext TEXT, ts INT8);
-         INSERT INTO t VALUES (1, 'a', 5), (2, 'a', 9), (3, 'a', 7), (4, 'b', 1);"
+         INSERT INTO t VALUES (1, 'a', 5), (2, 'a', 9), (3, 'a', 7), (4, 'b', 1), (5, 'a', NULL);"
     );
     let f = fixture("delete_key_many", &setup, &["--userscript", &path]).await;
     let body = batch(&[
         r#"{"after":null,"before":{"id":1,"ext":"a","ts":5},"key":["a"],"topic":"t","updated":"20.0"}"#
             .to_string(),
-        r#"{"after":{"id":4,"ext":"b","ts":2},"key":[4],"topic":"t","updated":"20.0"}"#
+        // Older than the stored row, and different: a conflict.
+        r#"{"after":{"id":4,"ext":"c","ts":0},"key":[4],"topic":"t","updated":"20.0"}"#
             .to_string(),
     ]);
     f.post_ok("/delete_key_many/public", body).await;
     assert_eq!(
         f.dump("SELECT id || ':' || ts FROM t ORDER BY id").await,
-        vec!["2:9", "3:7", "4:2"]
+        vec!["2:9", "3:7", "4:1"]
     );
     assert_eq!(
-        f.dump("SELECT dlq_name, data_before->>'id' FROM cdc_sink_dlq")
-            .await,
-        vec!["t|1", "t|1"]
+        f.dump(
+            "SELECT dlq_name, data_after->>'id', data_before->>'id' FROM cdc_sink_dlq ORDER BY dlq_name"
+        )
+        .await,
+        vec!["t2|NULL|1", "t3|NULL|1", "t4|4|NULL"]
     );
 }
 

@@ -413,7 +413,11 @@ impl Receiver {
             let muts: Vec<&Mutation> = lost.iter().map(|&i| upserts[i]).collect();
             let keys = muts
                 .iter()
-                .map(|m| key_of(schema, cfg, m))
+                .enumerate()
+                .map(|(i, m)| {
+                    let key = key_values(schema, &schema.pk, true, m);
+                    key.map(|k| (i, k)).map_err(|_| missing_pk(schema))
+                })
                 .collect::<Result<_, _>>()?;
             let lost = Lost {
                 columns,
@@ -427,14 +431,14 @@ impl Receiver {
         if !delete_conflicts.is_empty() {
             delete_conflicts.sort_unstable();
             delete_conflicts.dedup();
-            let mut keys: Vec<Option<KeyValues>> = del.into_iter().map(|(_, k)| Some(k)).collect();
             let lost = Lost {
                 columns: writable_columns(schema),
                 muts: delete_conflicts.iter().map(|&i| del_muts[i]).collect(),
                 key_columns,
                 keys: delete_conflicts
                     .iter()
-                    .map(|&i| keys[i].take().expect("each delete conflicts once"))
+                    .enumerate()
+                    .map(|(n, &i)| (n, del[i].1.clone()))
                     .collect(),
             };
             self.resolve_conflicts(tx, schema, cfg, &rules, lost, stats)
@@ -451,7 +455,7 @@ impl Receiver {
         schema: &TableSchema,
         cfg: &TableConfig,
         rules: &WriteRules,
-        lost: Lost<'_, '_>,
+        lost: Lost<'_>,
         stats: &mut TableStats,
     ) -> Result<(), ReceiveError> {
         let Lost {
@@ -461,8 +465,7 @@ impl Receiver {
             keys,
         } = lost;
         let columns = &columns[..];
-        let keys: Vec<(usize, KeyValues)> = keys.into_iter().enumerate().collect();
-        let keys = apply::prepare_keys(schema, &keys, key_columns)?;
+        let key_batch = apply::prepare_keys(schema, &keys, key_columns)?;
         let proposed_docs: Vec<(usize, Option<&Document>)> = muts
             .iter()
             .enumerate()
@@ -481,7 +484,7 @@ impl Receiver {
         let losers = apply::fetch_losers(
             tx,
             schema,
-            &keys,
+            &key_batch,
             (!is_delete).then_some(&proposed),
             Some((&before, &has_before)),
             rules,
@@ -497,7 +500,8 @@ impl Receiver {
         for loser in losers {
             let m = muts[loser.ord];
             let Some(stored) = loser.stored else {
-                // The stored row went away after the check: nothing to lose to.
+                // No stored row (it went away after the check, or a delete
+                // without `before` found none): nothing to lose to.
                 if let Some(after) = &m.after {
                     to_write.push(after.clone());
                 }
@@ -583,7 +587,15 @@ impl Receiver {
                         source_nanos: m.updated.nanos,
                         source_logical: m.updated.logical as i64,
                         data_after: m.after.clone().map(Value::Object).unwrap_or(Value::Null),
-                        data_before: m.before.to_json(),
+                        data_before: match m.before.row() {
+                            Some(_) => m.before.to_json(),
+                            // A delete sent without `before`: its key is all
+                            // that tells it apart from another such delete.
+                            None if m.is_delete() => {
+                                key_document(schema, key_columns, &keys[ord].1)
+                            }
+                            None => Value::Null,
+                        },
                     }),
                 }
             }
@@ -626,17 +638,18 @@ async fn write_rows(
     Ok(())
 }
 
-/// Rows that lost compare-and-set (or deletes that found a newer row), with
-/// the columns they were written with: rows of one request may carry
-/// different columns, and each merges on its own.
-struct Lost<'m, 'k> {
+/// Rows that lost compare-and-set (or deletes that found a newer row, or
+/// sent no `before` to compare), with the columns they were written with:
+/// rows of one request may carry different columns, and each merges on its
+/// own.
+struct Lost<'m> {
     columns: Vec<usize>,
     muts: Vec<&'m Mutation>,
     /// The columns that find the stored rows: the primary key, or for
     /// deletes the table's `deleteKey`, which need not be unique.
-    key_columns: &'k [usize],
-    /// Each mutation's values of `key_columns`.
-    keys: Vec<KeyValues<'m>>,
+    key_columns: &'m [usize],
+    /// Each mutation's index in `muts` and its values of `key_columns`.
+    keys: Vec<(usize, KeyValues<'m>)>,
 }
 
 fn schema_may_be_stale(e: &ReceiveError) -> bool {
@@ -684,13 +697,14 @@ fn writable_columns(schema: &TableSchema) -> Vec<usize> {
         .collect()
 }
 
-/// The primary key of a mutation: its `after`, else its `key`, else its `before`.
-fn key_of<'m>(
-    schema: &TableSchema,
-    cfg: &TableConfig,
-    m: &'m Mutation,
-) -> Result<KeyValues<'m>, ReceiveError> {
-    key_values(schema, &schema.pk, key_is_pk(cfg, m), m).map_err(|_| missing_pk(schema))
+/// `key` (values of `columns`) as a JSON object by column name.
+fn key_document(schema: &TableSchema, columns: &[usize], key: &KeyValues) -> Value {
+    let doc = columns
+        .iter()
+        .zip(key)
+        .map(|(&c, &v)| (schema.columns[c].name.clone(), v.clone()))
+        .collect();
+    Value::Object(doc)
 }
 
 /// Several versions of one key in a request fold to the one with the highest

@@ -550,7 +550,8 @@ pub async fn upsert(
 
 /// Deletes the rows `keys` identifies (by its columns: the primary key or a
 /// `deleteKey`). With CAS, a row is deleted only when the stored CAS tuple
-/// is not newer than the one in `cas_values` (the delete's `before`);
+/// is not newer than the one in `cas_values` (the delete's `before`) or was
+/// never stamped (its first CAS column is NULL, as the upsert treats it);
 /// returns caller ordinals of keys that found a row that was kept
 /// (conflicts), each once. The check goes by what the delete did, not by
 /// the statement's snapshot: a row a concurrent local write made newer
@@ -567,11 +568,11 @@ pub async fn delete(
     let ords: Vec<i32> = (0..keys.len() as i32).collect();
     let mut p = params(&ords, keys);
     // The key that finds the rows: the primary key or a `deleteKey`.
-    let pk = columns_match(schema, &keys.columns, "cur", "u");
+    let key_match = columns_match(schema, &keys.columns, "cur", "u");
     let sql = if cas.is_empty() {
         format!(
             "WITH u AS (SELECT u.mrd_o, {} FROM unnest($1::int4[], {}) AS u(mrd_o{})) \
-             DELETE FROM {} AS cur USING u WHERE {pk}",
+             DELETE FROM {} AS cur USING u WHERE {key_match}",
             select_list(schema, keys, &key_select),
             key_arrays.join(", "),
             aliases("k", keys.columns.len()),
@@ -596,8 +597,9 @@ pub async fn delete(
         p.extend(cas_values.params());
         format!(
             "WITH u AS (SELECT u.mrd_o, {}, {} FROM unnest($1::int4[], {}, {}) AS u(mrd_o{}{})), \
-             d AS (DELETE FROM {t} AS cur USING u WHERE {pk} AND NOT ({} > {cas_u}) RETURNING {}) \
-             SELECT u.mrd_o FROM u WHERE EXISTS (SELECT 1 FROM {t} AS cur WHERE {pk} \
+             d AS (DELETE FROM {t} AS cur USING u WHERE {key_match} \
+             AND (cur.{first} IS NULL OR NOT ({} > {cas_u})) RETURNING {}) \
+             SELECT u.mrd_o FROM u WHERE EXISTS (SELECT 1 FROM {t} AS cur WHERE {key_match} \
              AND NOT EXISTS (SELECT 1 FROM d WHERE {}))",
             select_list(schema, keys, &key_select),
             cas_select.join(", "),
@@ -609,6 +611,7 @@ pub async fn delete(
             qualified(schema, "cur", &schema.pk),
             columns_match(schema, &schema.pk, "d", "cur"),
             t = table_ref(schema),
+            first = quote_ident(&schema.columns[cas[0]].name),
         )
     };
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
@@ -623,7 +626,7 @@ pub async fn delete(
 /// print it in JSON (so values compare as typed values, not raw text).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Loser {
-    /// The caller's index of the row.
+    /// The caller's index of the row (shared by the rows one key found).
     pub ord: usize,
     /// The stored row (locked until the transaction ends); `None` if gone.
     pub stored: Option<Document>,
@@ -703,9 +706,11 @@ pub async fn fetch_losers(
         "SELECT u.mrd_o, to_jsonb(cur), {proposed_expr}, {before_expr} \
          FROM unnest({}) AS u({alias}) \
          LEFT JOIN LATERAL (SELECT * FROM {} AS cur WHERE {key_cond} FOR UPDATE) AS cur ON true \
-         ORDER BY u.mrd_o",
+         ORDER BY u.mrd_o, {}",
         arrays.join(", "),
         table_ref(schema),
+        // Several rows of one key come in primary-key order.
+        qualified(schema, "cur", &schema.pk),
     );
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
     let rows = tx.query(&stmt, &p).await.map_err(TargetError::db)?;
