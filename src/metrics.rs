@@ -222,7 +222,7 @@ pub struct ChangefeedMetrics {
     pub errors: IntCounterVec,
     pub lag_seconds: prometheus::Gauge,
     pub slot_lag_bytes: IntGauge,
-    /// Decoded change bytes held in memory, not yet sent.
+    /// Decoded change bytes waiting to be sent (not those in flight).
     pub pending_bytes: IntGauge,
     pub resolved_sent: IntCounter,
     pub send_duration: Histogram,
@@ -276,8 +276,8 @@ impl ChangefeedMetrics {
         let pending_bytes = gauge(
             &r,
             "changefeed_pending_bytes",
-            "Decoded change bytes held in memory and not yet sent: the open \
-             transaction's rows, the batch being filled and queued batches",
+            "Decoded change bytes waiting to be sent: the open transaction's rows \
+             not yet in a batch, the batch being filled and queued batches",
         );
         let scan_running = gauge(
             &r,

@@ -428,8 +428,10 @@ struct Line {
     table: Arc<TableInfo>,
 }
 
-/// One committed source transaction (only its replicated rows), its payload
-/// entries already written with its `updated`.
+/// One source transaction (only its replicated rows), its payload entries
+/// already written with its `updated`: the one being decoded, or, once its
+/// commit was decoded, a committed one. `buf` and `lines` hold the rows not
+/// yet handed to batches.
 struct Txn {
     end_lsn: u64,
     hlc: Hlc,
@@ -456,8 +458,8 @@ impl Txn {
         }
     }
 
-    /// Whether the rows decoded so far fill a batch: the transaction will
-    /// be split whatever follows.
+    /// Whether the rows decoded so far fill a batch (handed over before the
+    /// commit, they go as part of a split transaction).
     fn fills_batch(&self, flush_rows: usize, flush_bytes: usize) -> bool {
         self.lines.len() >= flush_rows || self.buf.len() >= flush_bytes
     }
@@ -685,7 +687,7 @@ impl Pipeline {
 fn push_item(p: &mut Pipeline, item: Item, flush_rows: usize, flush_bytes: usize) {
     match item {
         Item::Txn(t) => {
-            push_rows(p, &t, flush_rows, flush_bytes);
+            push_rows(p, &t, true, flush_rows, flush_bytes);
             let b = &mut p.builder;
             b.boundary = Some((t.end_lsn, t.hlc));
             b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
@@ -704,22 +706,30 @@ fn hand_over(p: &mut Pipeline, t: &mut Txn, flush_rows: usize, flush_bytes: usiz
     if !t.fills_batch(flush_rows, flush_bytes) {
         return;
     }
-    push_rows(p, t, flush_rows, flush_bytes);
+    push_rows(p, t, false, flush_rows, flush_bytes);
     t.handed_over += t.lines.len();
     t.lines.clear();
     t.buf.clear();
 }
 
 /// Appends a transaction's decoded rows to the batches; those of a
-/// transaction that does not fit one batch are marked split (they go alone,
-/// in order).
-fn push_rows(p: &mut Pipeline, t: &Txn, flush_rows: usize, flush_bytes: usize) {
+/// transaction that does not fit one batch, or whose commit is still to come
+/// (`committed` false), are marked split (they go alone, in order).
+fn push_rows(p: &mut Pipeline, t: &Txn, committed: bool, flush_rows: usize, flush_bytes: usize) {
     if t.lines.is_empty() {
         return;
     }
-    let fits = t.handed_over == 0 && t.lines.len() <= flush_rows && t.buf.len() <= flush_bytes;
+    let fits = committed
+        && t.handed_over == 0
+        && t.lines.len() <= flush_rows
+        && t.buf.len() <= flush_bytes;
+    // A transaction starts a new batch when it does not fit beside the
+    // transactions already there; once part of it was handed over, the
+    // batch being filled holds its own rows, and the rest follows them.
     let b = &mut p.builder;
-    if b.rows > 0 && (b.rows + t.lines.len() > flush_rows || b.bytes() + t.buf.len() > flush_bytes)
+    if t.handed_over == 0
+        && b.rows > 0
+        && (b.rows + t.lines.len() > flush_rows || b.bytes() + t.buf.len() > flush_bytes)
     {
         let out = b.finish(true);
         p.queue.push_back(Step::Batch(out));
@@ -1342,7 +1352,11 @@ impl Feed {
             // concurrently like a full one. Under load batches fill up while
             // others travel.
             let bulk = p.builder.rows >= (self.opts.flush_rows / 10).max(1) && !p.builder.split;
+            // The rest of a transaction being handed over is on its way
+            // (a transaction is streamed once committed): the batch fills up.
+            let handing_over = st.cur.as_ref().is_some_and(|t| t.handed_over > 0);
             if caught_up
+                && !handing_over
                 && (p.in_flight == 0 || bulk && p.in_flight < max_in_flight)
                 && p.queue.is_empty()
                 && !p.builder.is_empty()
@@ -1965,6 +1979,106 @@ mod tests {
         o.name = "East-West".into();
         assert_eq!(o.slot_name(), "east_west");
         assert_eq!(o.publication_name(), "East-West");
+    }
+
+    /// Decodes `rows` rows of ten bytes into `t`, handing them over as a
+    /// running changefeed does after each message.
+    fn decode_rows(
+        p: &mut Pipeline,
+        t: &mut Txn,
+        keys: std::ops::Range<u64>,
+        limits: (usize, usize),
+    ) {
+        let table = TableInfo::new("public", "kv");
+        for k in keys {
+            let start = t.buf.len();
+            t.buf
+                .extend_from_slice(format!("{{\"k\":{k:>4}}}").as_bytes());
+            t.lines.push(Line {
+                start,
+                end: t.buf.len(),
+                key_hash: k,
+                table: table.clone(),
+            });
+            hand_over(p, t, limits.0, limits.1);
+        }
+    }
+
+    /// Commits `t` at `lsn` and queues whatever is still being filled.
+    fn commit(p: &mut Pipeline, mut t: Txn, lsn: u64, limits: (usize, usize)) -> Vec<OutBatch> {
+        t.end_lsn = lsn;
+        push_item(p, Item::Txn(t), limits.0, limits.1);
+        flush_tail(p, false);
+        p.queue
+            .drain(..)
+            .map(|s| match s {
+                Step::Batch(b) => b,
+                Step::Probe { .. } => unreachable!(),
+            })
+            .collect()
+    }
+
+    fn shape(batches: &[OutBatch]) -> Vec<(usize, bool, Option<u64>)> {
+        batches
+            .iter()
+            .map(|b| (b.rows, b.concurrent, b.boundary.map(|(lsn, _)| lsn)))
+            .collect()
+    }
+
+    /// A transaction larger than a batch goes out while it is decoded, in
+    /// full batches that travel alone; whole transactions before it keep
+    /// their own batch, and only its last batch carries its boundary.
+    #[test]
+    fn a_large_transaction_is_handed_over_in_full_batches() {
+        let limits = (10, 1 << 20);
+        let mut p = Pipeline::new();
+        let mut a = Txn::new(Hlc::new(1, 0), 0, (0, 0));
+        decode_rows(&mut p, &mut a, 0..3, limits);
+        push_item(
+            &mut p,
+            Item::Txn(Txn { end_lsn: 100, ..a }),
+            limits.0,
+            limits.1,
+        );
+        let mut b = Txn::new(Hlc::new(2, 0), 0, (0, 0));
+        decode_rows(&mut p, &mut b, 3..28, limits);
+        assert_eq!(p.queue.len(), 2, "two batches left before the commit");
+        let batches = commit(&mut p, b, 200, limits);
+        assert_eq!(
+            shape(&batches),
+            [
+                (3, true, Some(100)),
+                (10, false, None),
+                (10, false, None),
+                (5, false, Some(200))
+            ]
+        );
+        let keys: Vec<u64> = batches.iter().flat_map(|b| b.keys.clone()).collect();
+        assert_eq!(keys, (0..28).collect::<Vec<_>>());
+
+        // A transaction of exactly one batch, handed over before its
+        // commit, is still split: its rest may follow.
+        let mut p = Pipeline::new();
+        let mut c = Txn::new(Hlc::new(3, 0), 0, (0, 0));
+        decode_rows(&mut p, &mut c, 0..10, limits);
+        assert_eq!(
+            shape(&commit(&mut p, c, 300, limits)),
+            [(10, false, Some(300))]
+        );
+    }
+
+    /// Cut by bytes, the batches of a large transaction are full ones, not
+    /// a full one and a single row by turns.
+    #[test]
+    fn batches_cut_by_bytes_stay_full() {
+        // Rows take 10 bytes and a comma: nine fit in 100 bytes.
+        let limits = (1000, 100);
+        let mut p = Pipeline::new();
+        let mut t = Txn::new(Hlc::new(1, 0), 0, (0, 0));
+        decode_rows(&mut p, &mut t, 0..50, limits);
+        let batches = commit(&mut p, t, 100, limits);
+        let rows: Vec<usize> = batches.iter().map(|b| b.rows).collect();
+        assert_eq!(rows, [9, 9, 9, 9, 9, 5]);
     }
 
     #[test]
