@@ -458,10 +458,11 @@ impl Txn {
         }
     }
 
-    /// Whether the rows decoded so far fill a batch (handed over before the
-    /// commit, they go as part of a split transaction).
-    fn fills_batch(&self, flush_rows: usize, flush_bytes: usize) -> bool {
-        self.lines.len() >= flush_rows || self.buf.len() >= flush_bytes
+    /// Whether the rows decoded so far are more than one batch holds: the
+    /// transaction is split whatever follows. (One that just fills a batch
+    /// waits for its commit, so that its batch may travel beside others.)
+    fn exceeds_batch(&self, flush_rows: usize, flush_bytes: usize) -> bool {
+        self.lines.len() > flush_rows || self.buf.len() > flush_bytes
     }
 }
 
@@ -700,10 +701,10 @@ fn push_item(p: &mut Pipeline, item: Item, flush_rows: usize, flush_bytes: usize
 }
 
 /// Hands the rows of a transaction still being decoded to batches once they
-/// fill one (it will be split anyway), so that a huge transaction is held a
+/// are more than one holds (it will be split anyway), so that a huge transaction is held a
 /// few batches at a time: the stream is not read while the queue is full.
 fn hand_over(p: &mut Pipeline, t: &mut Txn, flush_rows: usize, flush_bytes: usize) {
-    if !t.fills_batch(flush_rows, flush_bytes) {
+    if !t.exceeds_batch(flush_rows, flush_bytes) {
         return;
     }
     push_rows(p, t, false, flush_rows, flush_bytes);
@@ -2042,7 +2043,11 @@ mod tests {
         );
         let mut b = Txn::new(Hlc::new(2, 0), 0, (0, 0));
         decode_rows(&mut p, &mut b, 3..28, limits);
-        assert_eq!(p.queue.len(), 2, "two batches left before the commit");
+        assert_eq!(
+            p.queue.len(),
+            3,
+            "a, then two of b's batches before its commit"
+        );
         let batches = commit(&mut p, b, 200, limits);
         assert_eq!(
             shape(&batches),
@@ -2056,14 +2061,24 @@ mod tests {
         let keys: Vec<u64> = batches.iter().flat_map(|b| b.keys.clone()).collect();
         assert_eq!(keys, (0..28).collect::<Vec<_>>());
 
-        // A transaction of exactly one batch, handed over before its
-        // commit, is still split: its rest may follow.
+        // A transaction that just fills a batch waits for its commit and
+        // may travel beside others; one row more, and it is split.
         let mut p = Pipeline::new();
         let mut c = Txn::new(Hlc::new(3, 0), 0, (0, 0));
         decode_rows(&mut p, &mut c, 0..10, limits);
+        assert!(p.queue.is_empty() && p.builder.is_empty());
+        c.end_lsn = 300;
+        push_item(&mut p, Item::Txn(c), limits.0, limits.1);
+        flush_tail(&mut p, true);
+        let Some(Step::Batch(b)) = p.queue.pop_front() else {
+            panic!("one batch")
+        };
+        assert_eq!(shape(&[b]), [(10, true, Some(300))]);
+        let mut d = Txn::new(Hlc::new(4, 0), 0, (0, 0));
+        decode_rows(&mut p, &mut d, 0..11, limits);
         assert_eq!(
-            shape(&commit(&mut p, c, 300, limits)),
-            [(10, false, Some(300))]
+            shape(&commit(&mut p, d, 400, limits)),
+            [(10, false, None), (1, false, Some(400))]
         );
     }
 
