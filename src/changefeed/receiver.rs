@@ -410,36 +410,20 @@ impl Receiver {
         }
 
         for (columns, lost) in losers {
-            let muts: Vec<&Mutation> = lost.iter().map(|&i| upserts[i]).collect();
-            let keys = muts
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    let key = key_values(schema, &schema.pk, true, m);
-                    key.map(|k| (i, k)).map_err(|_| missing_pk(schema))
-                })
-                .collect::<Result<_, _>>()?;
             let lost = Lost {
                 columns,
-                muts,
+                muts: lost.iter().map(|&i| upserts[i]).collect(),
                 key_columns: &schema.pk,
-                keys,
             };
             self.resolve_conflicts(tx, schema, cfg, &rules, lost, stats)
                 .await?;
         }
         if !delete_conflicts.is_empty() {
             delete_conflicts.sort_unstable();
-            delete_conflicts.dedup();
             let lost = Lost {
                 columns: writable_columns(schema),
                 muts: delete_conflicts.iter().map(|&i| del_muts[i]).collect(),
                 key_columns,
-                keys: delete_conflicts
-                    .iter()
-                    .enumerate()
-                    .map(|(n, &i)| (n, del[i].1.clone()))
-                    .collect(),
             };
             self.resolve_conflicts(tx, schema, cfg, &rules, lost, stats)
                 .await?;
@@ -462,9 +446,19 @@ impl Receiver {
             columns,
             muts,
             key_columns,
-            keys,
         } = lost;
         let columns = &columns[..];
+        // Every upsert has its key in `after`, every delete got here with
+        // its key (see apply_standard).
+        let keys: Vec<(usize, KeyValues)> = muts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let key = key_values(schema, key_columns, true, m);
+                key.map(|k| (i, k))
+                    .map_err(|c| TargetError::missing_key(schema, c))
+            })
+            .collect::<Result<_, _>>()?;
         let key_batch = apply::prepare_keys(schema, &keys, key_columns)?;
         let proposed_docs: Vec<(usize, Option<&Document>)> = muts
             .iter()
@@ -648,8 +642,6 @@ struct Lost<'m> {
     /// The columns that find the stored rows: the primary key, or for
     /// deletes the table's `deleteKey`, which need not be unique.
     key_columns: &'m [usize],
-    /// Each mutation's index in `muts` and its values of `key_columns`.
-    keys: Vec<(usize, KeyValues<'m>)>,
 }
 
 fn schema_may_be_stale(e: &ReceiveError) -> bool {
