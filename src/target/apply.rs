@@ -403,6 +403,12 @@ fn tuple(schema: &TableSchema, alias: &str, cols: &[usize]) -> String {
     format!("ROW({})", qualified(schema, alias, cols))
 }
 
+/// The stored row `cur` was never stamped (its first CAS column is NULL):
+/// any replicated version may overwrite or delete it.
+fn unstamped(schema: &TableSchema, cas: &[usize]) -> String {
+    format!("cur.{} IS NULL", quote_ident(&schema.columns[cas[0]].name))
+}
+
 /// The upsert statement for `batch`'s columns. With `cas`, a row is written
 /// only when no row has its key or its CAS tuple is strictly greater than the
 /// stored one; the statement's row count then tells whether any row lost.
@@ -449,12 +455,12 @@ pub fn upsert_sql(
     } else {
         let _ = write!(sql, "DO UPDATE SET {}", updates.join(", "));
         if !cas.is_empty() {
-            let first = quote_ident(&schema.columns[cas[0]].name);
             let _ = write!(
                 sql,
-                " WHERE {} > {} OR cur.{first} IS NULL",
+                " WHERE {} > {} OR {}",
                 tuple(schema, "excluded", cas),
-                tuple(schema, "cur", cas)
+                tuple(schema, "cur", cas),
+                unstamped(schema, cas)
             );
         }
     }
@@ -551,7 +557,7 @@ pub async fn upsert(
 /// Deletes the rows `keys` identifies (by its columns: the primary key or a
 /// `deleteKey`). With CAS, a row is deleted only when the stored CAS tuple
 /// is not newer than the one in `cas_values` (the delete's `before`) or was
-/// never stamped (its first CAS column is NULL, as the upsert treats it);
+/// never stamped ([`unstamped`], as for the upsert);
 /// returns caller ordinals of keys that found a row that was kept
 /// (conflicts), each once. The check goes by what the delete did, not by
 /// the statement's snapshot: a row a concurrent local write made newer
@@ -598,7 +604,7 @@ pub async fn delete(
         format!(
             "WITH u AS (SELECT u.mrd_o, {}, {} FROM unnest($1::int4[], {}, {}) AS u(mrd_o{}{})), \
              d AS (DELETE FROM {t} AS cur USING u WHERE {key_match} \
-             AND (cur.{first} IS NULL OR NOT ({} > {cas_u})) RETURNING {}) \
+             AND ({unstamped} OR NOT ({} > {cas_u})) RETURNING {}) \
              SELECT u.mrd_o FROM u WHERE EXISTS (SELECT 1 FROM {t} AS cur WHERE {key_match} \
              AND NOT EXISTS (SELECT 1 FROM d WHERE {}))",
             select_list(schema, keys, &key_select),
@@ -611,7 +617,7 @@ pub async fn delete(
             qualified(schema, "cur", &schema.pk),
             columns_match(schema, &schema.pk, "d", "cur"),
             t = table_ref(schema),
-            first = quote_ident(&schema.columns[cas[0]].name),
+            unstamped = unstamped(schema, cas),
         )
     };
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
