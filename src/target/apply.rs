@@ -129,10 +129,15 @@ impl<'s> RowReader<'s> {
         });
         // Extras are gathered only when their column is read.
         let extras = extras.filter(|&i| only.as_ref().is_none_or(|m| m[i]));
+        // Generated and ignored columns are never written: left out once.
         let only_cols = only.as_ref().map(|m| {
             m.iter()
                 .enumerate()
-                .filter_map(|(i, &read)| read.then_some(i))
+                .filter(|&(i, &read)| {
+                    let col = &schema.columns[i];
+                    read && !col.generated && !rules.ignore.contains(&col.name)
+                })
+                .map(|(i, _)| i)
                 .collect()
         });
         Ok(RowReader {
@@ -151,9 +156,6 @@ impl<'s> RowReader<'s> {
         if let (Some(cols), None) = (&self.only_cols, self.extras) {
             for &i in cols {
                 let col = &schema.columns[i];
-                if col.generated || self.rules.ignore.contains(&col.name) {
-                    continue;
-                }
                 if let Some(value) = doc.get(&col.name) {
                     row.push((i, convert(schema, col, value)?));
                 }
@@ -270,17 +272,17 @@ pub fn batch_for_columns<'a>(
         }
     }
     // A column no row has is left out (all its values are NULL).
-    let keep: Vec<bool> = present.iter().map(|&p| p || !present_only).collect();
-    let columns: Vec<usize> = columns
-        .iter()
-        .zip(&keep)
-        .filter_map(|(&c, &k)| k.then_some(c))
-        .collect();
-    let values: Vec<Values<'a>> = values
-        .into_iter()
-        .zip(&keep)
-        .filter_map(|(v, &k)| k.then_some(v))
-        .collect();
+    let (columns, values): (Vec<usize>, Vec<Values<'a>>) = if present_only {
+        columns
+            .iter()
+            .copied()
+            .zip(values)
+            .zip(&present)
+            .filter_map(|(cv, &p)| p.then_some(cv))
+            .unzip()
+    } else {
+        (columns.to_vec(), values)
+    };
     Ok((
         TableBatch {
             ords: docs.iter().map(|(i, _)| *i).collect(),
