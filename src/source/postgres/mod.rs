@@ -1353,14 +1353,14 @@ impl Feed {
             // concurrently like a full one. Under load batches fill up while
             // others travel.
             let bulk = p.builder.rows >= (self.opts.flush_rows / 10).max(1) && !p.builder.split;
-            // The rest of a transaction being handed over is on its way
-            // (a transaction is streamed once committed): the batch fills up.
-            let handing_over = st.cur.as_ref().is_some_and(|t| t.handed_over > 0);
+            // A tail that may go (now or when its time is up): not while the
+            // rest of a transaction being handed over is on its way (a
+            // transaction is streamed once committed): that batch fills up.
+            let tail = !p.builder.is_empty() && st.cur.as_ref().is_none_or(|t| t.handed_over == 0);
             if caught_up
-                && !handing_over
+                && tail
                 && (p.in_flight == 0 || bulk && p.in_flight < max_in_flight)
                 && p.queue.is_empty()
-                && !p.builder.is_empty()
                 && self
                     .pending_since
                     .is_none_or(|t| t.elapsed() >= self.opts.flush_frequency)
@@ -1401,7 +1401,7 @@ impl Feed {
             let wait = match self.pending_since {
                 // Only a tail that may go once its time is up needs the timer;
                 // one behind batches in flight goes when they are answered.
-                Some(t) if !p.builder.is_empty() && p.in_flight == 0 && p.queue.is_empty() => self
+                Some(t) if tail && p.in_flight == 0 && p.queue.is_empty() => self
                     .opts
                     .flush_frequency
                     .saturating_sub(t.elapsed())
