@@ -688,7 +688,7 @@ impl Pipeline {
 fn push_item(p: &mut Pipeline, item: Item, flush_rows: usize, flush_bytes: usize) {
     match item {
         Item::Txn(t) => {
-            push_rows(p, &t, true, flush_rows, flush_bytes);
+            push_rows(p, &t, flush_rows, flush_bytes);
             let b = &mut p.builder;
             b.boundary = Some((t.end_lsn, t.hlc));
             b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
@@ -707,23 +707,21 @@ fn hand_over(p: &mut Pipeline, t: &mut Txn, flush_rows: usize, flush_bytes: usiz
     if !t.exceeds_batch(flush_rows, flush_bytes) {
         return;
     }
-    push_rows(p, t, false, flush_rows, flush_bytes);
+    push_rows(p, t, flush_rows, flush_bytes);
     t.handed_over += t.lines.len();
     t.lines.clear();
     t.buf.clear();
 }
 
 /// Appends a transaction's decoded rows to the batches; those of a
-/// transaction that does not fit one batch, or whose commit is still to come
-/// (`committed` false), are marked split (they go alone, in order).
-fn push_rows(p: &mut Pipeline, t: &Txn, committed: bool, flush_rows: usize, flush_bytes: usize) {
+/// transaction that does not fit one batch are marked split (they go alone,
+/// in order).
+fn push_rows(p: &mut Pipeline, t: &Txn, flush_rows: usize, flush_bytes: usize) {
     if t.lines.is_empty() {
         return;
     }
-    let fits = committed
-        && t.handed_over == 0
-        && t.lines.len() <= flush_rows
-        && t.buf.len() <= flush_bytes;
+    // Handed over before its commit, a transaction exceeds a batch.
+    let fits = t.handed_over == 0 && !t.exceeds_batch(flush_rows, flush_bytes);
     // A transaction starts a new batch when it does not fit beside the
     // transactions already there; once part of it was handed over, the
     // batch being filled holds its own rows, and the rest follows them.
