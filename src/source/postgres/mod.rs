@@ -445,17 +445,25 @@ struct Txn {
 }
 
 impl Txn {
-    /// An empty transaction stamped `hlc`, with room for `size` (body
-    /// bytes, rows).
-    fn new(hlc: Hlc, commit_micros: i64, size: (usize, usize)) -> Self {
+    /// An empty transaction stamped `hlc`, writing into `buffers` (empty;
+    /// those of the last transaction, whose capacity they keep).
+    fn new(hlc: Hlc, commit_micros: i64, buffers: TxnBuffers) -> Self {
+        let (buf, lines) = buffers;
         Txn {
             end_lsn: 0,
             hlc,
             commit_micros,
-            buf: Vec::with_capacity(size.0),
-            lines: Vec::with_capacity(size.1),
+            buf,
+            lines,
             handed_over: 0,
         }
+    }
+
+    /// Its buffers, emptied, for the next transaction.
+    fn into_buffers(mut self) -> TxnBuffers {
+        self.buf.clear();
+        self.lines.clear();
+        (self.buf, self.lines)
     }
 
     /// Whether the rows decoded so far are more than one batch holds: the
@@ -466,16 +474,8 @@ impl Txn {
     }
 }
 
-enum Item {
-    Txn(Txn),
-    /// One of our resolved/advance probes (pg_logical_emit_message).
-    Probe {
-        lsn: u64,
-        content: String,
-        /// The time written in the probe: later changes are stamped above it.
-        at: Hlc,
-    },
-}
+/// A transaction's row buffer and row list.
+type TxnBuffers = (Vec<u8>, Vec<Line>);
 
 /// Decoding state of one replication stream: the open transaction and the
 /// newest `updated` stamped.
@@ -487,9 +487,10 @@ struct DecodeState {
     /// `cur`'s `updated`, as text.
     updated: String,
     scratch: Vec<Option<(usize, usize)>>,
-    /// The last transaction's buffer and row count with rows, to reserve
-    /// for the next: bulk writes come as runs of like transactions.
-    last_size: (usize, usize),
+    /// The last transaction's buffers, emptied, for the next: bulk writes
+    /// come as runs of like transactions, and a transaction larger than a
+    /// batch keeps them at about a batch (see `hand_over`).
+    spare: TxnBuffers,
 }
 
 impl DecodeState {
@@ -499,7 +500,7 @@ impl DecodeState {
             hlc: floor,
             updated: String::new(),
             scratch: Vec::new(),
-            last_size: (0, 0),
+            spare: TxnBuffers::default(),
         }
     }
 }
@@ -682,22 +683,21 @@ impl Pipeline {
     }
 }
 
-/// Queues one decoded item: a transaction's rows go into batches, whole
+/// Queues one of our resolved/advance probes (pg_logical_emit_message) at
+/// `lsn`; it ends the batch being filled.
+fn push_probe(p: &mut Pipeline, lsn: u64, content: String, at: Hlc) {
+    flush_tail(p, false);
+    p.queue.push_back(Step::Probe { lsn, content, at });
+}
+
+/// Queues a committed transaction's rows (those not handed over yet): whole
 /// transactions per batch while they fit, a transaction larger than a batch
-/// across several; a probe ends the batch being filled.
-fn push_item(p: &mut Pipeline, item: Item, flush_rows: usize, flush_bytes: usize) {
-    match item {
-        Item::Txn(t) => {
-            push_rows(p, &t, flush_rows, flush_bytes);
-            let b = &mut p.builder;
-            b.boundary = Some((t.end_lsn, t.hlc));
-            b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
-        }
-        Item::Probe { lsn, content, at } => {
-            flush_tail(p, false);
-            p.queue.push_back(Step::Probe { lsn, content, at });
-        }
-    }
+/// across several. The batch they end in carries its boundary.
+fn push_txn(p: &mut Pipeline, t: &Txn, flush_rows: usize, flush_bytes: usize) {
+    push_rows(p, t, flush_rows, flush_bytes);
+    let b = &mut p.builder;
+    b.boundary = Some((t.end_lsn, t.hlc));
+    b.newest_commit_micros = b.newest_commit_micros.max(t.commit_micros);
 }
 
 /// Hands the rows of a transaction still being decoded to batches once they
@@ -1448,7 +1448,8 @@ impl Feed {
                 let hlc = micros_to_hlc(commit_time_micros).max(next(st.hlc));
                 st.updated.clear();
                 let _ = write!(st.updated, "{hlc}");
-                st.cur = Some(Txn::new(hlc, commit_time_micros, st.last_size));
+                let buffers = std::mem::take(&mut st.spare);
+                st.cur = Some(Txn::new(hlc, commit_time_micros, buffers));
                 Ok(0)
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
@@ -1461,11 +1462,9 @@ impl Feed {
                     t.hlc = st.hlc;
                 } else {
                     st.hlc = t.hlc;
-                    // Capped: one huge transaction must not make every
-                    // later one hold its size.
-                    st.last_size = (t.buf.len().min(1 << 20), t.lines.len().min(1 << 13));
                 }
-                push_item(p, Item::Txn(t), flush_rows, flush_bytes);
+                push_txn(p, &t, flush_rows, flush_bytes);
+                st.spare = t.into_buffers();
                 if rows > 0 {
                     self.pending_since.get_or_insert_with(Instant::now);
                 }
@@ -1491,16 +1490,7 @@ impl Feed {
                 // function of the WAL, the same when a restart decodes it again.
                 let at = probe_time(&content);
                 st.hlc = st.hlc.max(at);
-                push_item(
-                    p,
-                    Item::Probe {
-                        lsn: lsn.as_u64(),
-                        content,
-                        at,
-                    },
-                    flush_rows,
-                    flush_bytes,
-                );
+                push_probe(p, lsn.as_u64(), content, at);
                 Ok(0)
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -2006,7 +1996,7 @@ mod tests {
     /// Commits `t` at `lsn` and queues whatever is still being filled.
     fn commit(p: &mut Pipeline, mut t: Txn, lsn: u64, limits: (usize, usize)) -> Vec<OutBatch> {
         t.end_lsn = lsn;
-        push_item(p, Item::Txn(t), limits.0, limits.1);
+        push_txn(p, &t, limits.0, limits.1);
         flush_tail(p, false);
         p.queue
             .drain(..)
@@ -2031,15 +2021,11 @@ mod tests {
     fn a_large_transaction_is_handed_over_in_full_batches() {
         let limits = (10, 1 << 20);
         let mut p = Pipeline::new();
-        let mut a = Txn::new(Hlc::new(1, 0), 0, (0, 0));
+        let mut a = Txn::new(Hlc::new(1, 0), 0, TxnBuffers::default());
         decode_rows(&mut p, &mut a, 0..3, limits);
-        push_item(
-            &mut p,
-            Item::Txn(Txn { end_lsn: 100, ..a }),
-            limits.0,
-            limits.1,
-        );
-        let mut b = Txn::new(Hlc::new(2, 0), 0, (0, 0));
+        a.end_lsn = 100;
+        push_txn(&mut p, &a, limits.0, limits.1);
+        let mut b = Txn::new(Hlc::new(2, 0), 0, TxnBuffers::default());
         decode_rows(&mut p, &mut b, 3..28, limits);
         assert_eq!(
             p.queue.len(),
@@ -2062,17 +2048,17 @@ mod tests {
         // A transaction that just fills a batch waits for its commit and
         // may travel beside others; one row more, and it is split.
         let mut p = Pipeline::new();
-        let mut c = Txn::new(Hlc::new(3, 0), 0, (0, 0));
+        let mut c = Txn::new(Hlc::new(3, 0), 0, TxnBuffers::default());
         decode_rows(&mut p, &mut c, 0..10, limits);
         assert!(p.queue.is_empty() && p.builder.is_empty());
         c.end_lsn = 300;
-        push_item(&mut p, Item::Txn(c), limits.0, limits.1);
+        push_txn(&mut p, &c, limits.0, limits.1);
         flush_tail(&mut p, true);
         let Some(Step::Batch(b)) = p.queue.pop_front() else {
             panic!("one batch")
         };
         assert_eq!(shape(&[b]), [(10, true, Some(300))]);
-        let mut d = Txn::new(Hlc::new(4, 0), 0, (0, 0));
+        let mut d = Txn::new(Hlc::new(4, 0), 0, TxnBuffers::default());
         decode_rows(&mut p, &mut d, 0..11, limits);
         assert_eq!(
             shape(&commit(&mut p, d, 400, limits)),
@@ -2087,7 +2073,7 @@ mod tests {
         // Rows take 10 bytes and a comma: nine fit in 100 bytes.
         let limits = (1000, 100);
         let mut p = Pipeline::new();
-        let mut t = Txn::new(Hlc::new(1, 0), 0, (0, 0));
+        let mut t = Txn::new(Hlc::new(1, 0), 0, TxnBuffers::default());
         decode_rows(&mut p, &mut t, 0..50, limits);
         let batches = commit(&mut p, t, 100, limits);
         let rows: Vec<usize> = batches.iter().map(|b| b.rows).collect();

@@ -26,8 +26,8 @@ use tokio_postgres::SimpleQueryMessage;
 use super::pgoutput::PG_EPOCH_MICROS;
 use super::pgoutput::{Column, Datum};
 use super::{
-    create_if_absent, flush_tail, push_item, quote_ident, replication_error, server_nanos,
-    source_session, table_exists, Feed, Item, Pipeline, Rel, TableInfo, Txn,
+    create_if_absent, flush_tail, push_txn, quote_ident, replication_error, server_nanos,
+    source_session, table_exists, Feed, Pipeline, Rel, TableInfo, Txn, TxnBuffers,
 };
 use crate::changefeed::Hlc;
 
@@ -190,13 +190,14 @@ impl Feed {
                 .with_context(|| format!("scanning {qualified}"))?;
             let mut rows_of_table = 0u64;
             let mut frags = Vec::new();
+            let mut spare = TxnBuffers::default();
             loop {
                 let fetched = scan
                     .db
                     .simple_query(&format!("FETCH {fetch_rows} FROM meridian_scan"))
                     .await
                     .with_context(|| format!("scanning {qualified}"))?;
-                let mut txn = Txn::new(scan.at, commit_micros, (0, 0));
+                let mut txn = Txn::new(scan.at, commit_micros, std::mem::take(&mut spare));
                 let mut datums: Vec<Datum> = Vec::new();
                 for m in &fetched {
                     let SimpleQueryMessage::Row(row) = m else {
@@ -219,12 +220,8 @@ impl Feed {
                     );
                 }
                 let n = txn.lines.len() as u64;
-                push_item(
-                    &mut p,
-                    Item::Txn(txn),
-                    self.opts.flush_rows,
-                    self.opts.flush_bytes,
-                );
+                push_txn(&mut p, &txn, self.opts.flush_rows, self.opts.flush_bytes);
+                spare = txn.into_buffers();
                 if !self.pump(&mut p, shutdown, queue_max).await? {
                     return Ok(false);
                 }
