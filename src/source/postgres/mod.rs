@@ -1993,11 +1993,18 @@ mod tests {
         }
     }
 
-    /// Commits `t` at `lsn` and queues whatever is still being filled.
-    fn commit(p: &mut Pipeline, mut t: Txn, lsn: u64, limits: (usize, usize)) -> Vec<OutBatch> {
+    /// Commits `t` at `lsn` and queues whatever is still being filled (as
+    /// a batch that may travel beside others, with `concurrent`).
+    fn commit(
+        p: &mut Pipeline,
+        mut t: Txn,
+        lsn: u64,
+        limits: (usize, usize),
+        concurrent: bool,
+    ) -> Vec<OutBatch> {
         t.end_lsn = lsn;
         push_txn(p, &t, limits.0, limits.1);
-        flush_tail(p, false);
+        flush_tail(p, concurrent);
         p.queue
             .drain(..)
             .map(|s| match s {
@@ -2032,7 +2039,7 @@ mod tests {
             3,
             "a, then two of b's batches before its commit"
         );
-        let batches = commit(&mut p, b, 200, limits);
+        let batches = commit(&mut p, b, 200, limits, false);
         assert_eq!(
             shape(&batches),
             [
@@ -2051,17 +2058,14 @@ mod tests {
         let mut c = Txn::new(Hlc::new(3, 0), 0, TxnBuffers::default());
         decode_rows(&mut p, &mut c, 0..10, limits);
         assert!(p.queue.is_empty() && p.builder.is_empty());
-        c.end_lsn = 300;
-        push_txn(&mut p, &c, limits.0, limits.1);
-        flush_tail(&mut p, true);
-        let Some(Step::Batch(b)) = p.queue.pop_front() else {
-            panic!("one batch")
-        };
-        assert_eq!(shape(&[b]), [(10, true, Some(300))]);
+        assert_eq!(
+            shape(&commit(&mut p, c, 300, limits, true)),
+            [(10, true, Some(300))]
+        );
         let mut d = Txn::new(Hlc::new(4, 0), 0, TxnBuffers::default());
         decode_rows(&mut p, &mut d, 0..11, limits);
         assert_eq!(
-            shape(&commit(&mut p, d, 400, limits)),
+            shape(&commit(&mut p, d, 400, limits, false)),
             [(10, false, None), (1, false, Some(400))]
         );
     }
@@ -2075,7 +2079,7 @@ mod tests {
         let mut p = Pipeline::new();
         let mut t = Txn::new(Hlc::new(1, 0), 0, TxnBuffers::default());
         decode_rows(&mut p, &mut t, 0..50, limits);
-        let batches = commit(&mut p, t, 100, limits);
+        let batches = commit(&mut p, t, 100, limits, false);
         let rows: Vec<usize> = batches.iter().map(|b| b.rows).collect();
         assert_eq!(rows, [9, 9, 9, 9, 9, 5]);
     }
