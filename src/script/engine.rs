@@ -194,13 +194,21 @@ impl Engine {
         if let Some(target) = &src.target {
             let parts = split_ident(target).map_err(ScriptError::Invalid)?;
             // A `target` of two parts is a database and schema for the topic.
-            let mut in_target = (parts.len() == 2).then(|| TableNames::new(&parts[0], &parts[1]));
+            // Otherwise it is one table for every row, resolved once.
+            enum Target<'a> {
+                Schema(TableNames<'a>),
+                Table(Arc<TableName>),
+            }
+            let mut to = match &parts[..] {
+                [db, schema] => Target::Schema(TableNames::new(db, schema)),
+                _ => Target::Table(names.get(target)?),
+            };
             return batch
                 .into_iter()
                 .map(|m| {
-                    let table = match &mut in_target {
-                        Some(n) => n.get(topic_of(default_table, &m)?)?,
-                        None => names.get(target)?,
+                    let table = match &mut to {
+                        Target::Schema(n) => n.get(topic_of(default_table, &m)?)?,
+                        Target::Table(t) => t.clone(),
                     };
                     Ok(Routed { table, mutation: m })
                 })
