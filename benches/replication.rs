@@ -8,6 +8,11 @@
 //! applying to west with `userscripts/east_west.ts` (CAS on
 //! `(_timestamp, _source)`, DLQ, loop filter).
 //!
+//! The hop between the regions is encrypted for both, as it would be across
+//! a WAN: the subscription connects with `sslmode=require` (east serves a
+//! self-signed certificate) and the changefeed posts over HTTPS;
+//! `BENCH_TLS=off` runs both in plaintext instead.
+//!
 //! Each system gets two fresh clusters and three phases:
 //! 1. insert: `BENCH_ROWS` rows written on east in transactions of `BENCH_TXN`
 //!    rows; the clock runs from the first write until west holds them all;
@@ -24,7 +29,7 @@
 //! process (where meridian's changefeed and receiver run).
 //!
 //! Run: `cargo bench --bench replication` (env: BENCH_ROWS, BENCH_TXN,
-//! BENCH_RATE, BENCH_LAG_SECS, BENCH_ONLY=native|meridian, RUST_LOG).
+//! BENCH_RATE, BENCH_LAG_SECS, BENCH_TLS=off, BENCH_ONLY=native|meridian, RUST_LOG).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -56,6 +61,8 @@ struct Sizes {
     txn: i64,
     rate: i64,
     lag_secs: u64,
+    /// Whether the hop between the regions is encrypted, for both systems.
+    tls: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -324,6 +331,9 @@ const NATIVE_SCHEMA: &str =
 async fn native(sizes: Sizes) -> Result<Report> {
     let east_cluster = PgCluster::start_temp()?;
     let west_cluster = PgCluster::start_temp()?;
+    if sizes.tls {
+        east_cluster.enable_ssl().await?;
+    }
     let east_url = east_cluster.create_database("kv").await?;
     let west_url = west_cluster.create_database("kv").await?;
     let east = connect(&east_url).await?;
@@ -335,9 +345,10 @@ async fn native(sizes: Sizes) -> Result<Report> {
     west.batch_execute(NATIVE_SCHEMA).await?;
     west.batch_execute(&format!(
         "CREATE SUBSCRIPTION bench \
-         CONNECTION 'host=127.0.0.1 port={} dbname=kv user=postgres' \
+         CONNECTION 'host=127.0.0.1 port={} dbname=kv user=postgres sslmode={}' \
          PUBLICATION bench WITH (copy_data = false)",
-        east_cluster.port()
+        east_cluster.port(),
+        if sizes.tls { "require" } else { "disable" }
     ))
     .await
     .context("creating the subscription")?;
@@ -354,6 +365,17 @@ async fn native(sizes: Sizes) -> Result<Report> {
     .await;
     if !ready {
         bail!("the native subscription did not start");
+    }
+    let encrypted: bool = east
+        .query_one(
+            "SELECT coalesce(bool_and(s.ssl), false) FROM pg_stat_replication r \
+             JOIN pg_stat_ssl s USING (pid)",
+            &[],
+        )
+        .await?
+        .get(0);
+    if encrypted != sizes.tls {
+        bail!("the subscription's connection is not as asked: ssl = {encrypted}");
     }
     let (insert, update, lag) = phases(System::Native, &east, &west, sizes).await?;
     let consistent = compare(&east, &west).await?;
@@ -376,7 +398,7 @@ async fn meridian_system(sizes: Sizes) -> Result<Report> {
     let west_url = demo::setup_region(&west_cluster, "west", scratch.path()).await?;
     let script = scratch.path().join("east_west.ts");
     std::fs::write(&script, EAST_WEST_TS)?;
-    let receiver = demo::start_receiver(&west_url, &script).await?;
+    let receiver = demo::start_receiver(&west_url, &script, sizes.tls).await?;
     let feed = demo::start_changefeed(&east_url, demo::sink_url(&receiver), Duration::from_secs(2))
         .await?;
     let east = connect(&east_url).await?;
@@ -445,6 +467,7 @@ fn main() -> Result<()> {
         txn: env("BENCH_TXN", 1_000).max(1) as i64,
         rate: env("BENCH_RATE", 2_000).max(1) as i64,
         lag_secs: env("BENCH_LAG_SECS", 10).max(1) as u64,
+        tls: std::env::var("BENCH_TLS").map_or(true, |v| v != "off"),
     };
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -454,6 +477,14 @@ fn main() -> Result<()> {
     println!(
         "replication benchmark east → west: {} rows in transactions of {}, then updated; lag at {} rows/s for {}s",
         sizes.rows, sizes.txn, sizes.rate, sizes.lag_secs
+    );
+    println!(
+        "between the regions: {}",
+        if sizes.tls {
+            "TLS for both (subscription sslmode=require; changefeed → receiver over HTTPS)"
+        } else {
+            "plaintext for both (subscription sslmode=disable; changefeed → receiver over HTTP)"
+        }
     );
     rt.block_on(async move {
         let native = if only.is_empty() || only == "native" {

@@ -105,23 +105,26 @@ pub async fn connect(url: &str) -> Result<Client> {
     Ok(c)
 }
 
-/// Starts a receiver applying to `target_url` with `script`.
-pub async fn start_receiver(target_url: &str, script: &Path) -> Result<RunningServer> {
+/// Starts a receiver applying to `target_url` with `script`, serving HTTPS
+/// with a self-signed certificate when `tls`, else plain HTTP.
+pub async fn start_receiver(target_url: &str, script: &Path, tls: bool) -> Result<RunningServer> {
     let script = script.display().to_string();
-    let argv = [
+    let mut argv = vec![
         "meridian",
         "start",
         "--bindAddr",
         "127.0.0.1:0",
         "--metricsAddr",
         "127.0.0.1:0",
-        "--tlsSelfSigned",
         "--disableAuthentication",
         "--targetConn",
         target_url,
         "--userscript",
         &script,
     ];
+    if tls {
+        argv.push("--tlsSelfSigned");
+    }
     let Command::Start(args) = Cli::try_parse_from(argv)?.command else {
         unreachable!("argv names start")
     };
@@ -144,12 +147,15 @@ impl RunningChangefeed {
     }
 }
 
-/// The webhook sink URL of a receiver started by [`start_receiver`].
+/// The webhook sink URL of a receiver started by [`start_receiver`]
+/// (its self-signed certificate is not verified).
 pub fn sink_url(receiver: &RunningServer) -> String {
-    format!(
-        "webhook-https://127.0.0.1:{}/kv/public?insecure_tls_skip_verify=true",
-        receiver.addr().port()
-    )
+    let base = receiver.base_url();
+    if base.starts_with("https:") {
+        format!("webhook-{base}/kv/public?insecure_tls_skip_verify=true")
+    } else {
+        format!("webhook-{base}/kv/public")
+    }
 }
 
 /// Starts a changefeed from `source_url`'s kv table to `sink`, retrying a
@@ -326,8 +332,8 @@ async fn demo(args: &DemoArgs, root: &Path) -> Result<()> {
     std::fs::write(&we_script, WEST_EAST_TS)?;
 
     // east → west: east's changefeed posts to the receiver applying to west.
-    let east_west = start_receiver(&west.url, &ew_script).await?;
-    let west_east = start_receiver(&east.url, &we_script).await?;
+    let east_west = start_receiver(&west.url, &ew_script, true).await?;
+    let west_east = start_receiver(&east.url, &we_script, true).await?;
     let cf_east = start_changefeed(&east.url, sink_url(&east_west), Duration::from_secs(2)).await?;
     let cf_west = start_changefeed(&west.url, sink_url(&west_east), Duration::from_secs(2)).await?;
     for (component, region, addr) in [

@@ -200,6 +200,53 @@ impl PgCluster {
         Ok(self.url(database))
     }
 
+    /// Turns on TLS for TCP connections, with a self-signed certificate, so
+    /// that clients asking for `sslmode=require` get an encrypted session.
+    pub async fn enable_ssl(&self) -> Result<()> {
+        let data = self.root.join("data");
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+            .context("generating a certificate")?;
+        let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::write(&crt, ck.cert.pem())?;
+        std::fs::write(&key, ck.key_pair.serialize_pem())?;
+        // The server refuses a key others can read.
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        if is_root() {
+            run(Command::new("chown")
+                .arg("postgres:postgres")
+                .args([&crt, &key]))?;
+        }
+        let client = admin_client(self.port).await?;
+        // Two statements: ALTER SYSTEM refuses the implicit transaction of
+        // a multi-statement query.
+        client.batch_execute("ALTER SYSTEM SET ssl = on").await?;
+        client.batch_execute("SELECT pg_reload_conf()").await?;
+        // The reload reaches the postmaster asynchronously.
+        let on = wait_for(Duration::from_secs(10), || async {
+            let (c, conn) = match tokio_postgres::connect(
+                &url_for(self.port, "postgres"),
+                tokio_postgres::NoTls,
+            )
+            .await
+            {
+                Ok(c) => c,
+                Err(_) => return false,
+            };
+            tokio::spawn(conn);
+            c.query_one("SHOW ssl", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, String>(0) == "on")
+        })
+        .await;
+        if !on {
+            bail!(
+                "PostgreSQL did not turn ssl on; see {}",
+                self.root.join("server.log").display()
+            );
+        }
+        Ok(())
+    }
+
     /// Stops the server immediately (as a crash would).
     pub fn kill(&mut self) -> Result<()> {
         self.stop_mode("immediate")
