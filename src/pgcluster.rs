@@ -221,18 +221,12 @@ impl PgCluster {
         // a multi-statement query.
         client.batch_execute("ALTER SYSTEM SET ssl = on").await?;
         client.batch_execute("SELECT pg_reload_conf()").await?;
-        // The reload reaches the postmaster asynchronously.
+        // The reload reaches the postmaster asynchronously; a new session
+        // shows whether it took.
         let on = wait_for(Duration::from_secs(10), || async {
-            let (c, conn) = match tokio_postgres::connect(
-                &url_for(self.port, "postgres"),
-                tokio_postgres::NoTls,
-            )
-            .await
-            {
-                Ok(c) => c,
-                Err(_) => return false,
+            let Ok(c) = admin_client(self.port).await else {
+                return false;
             };
-            tokio::spawn(conn);
             c.query_one("SHOW ssl", &[])
                 .await
                 .is_ok_and(|r| r.get::<_, String>(0) == "on")
