@@ -928,8 +928,8 @@ impl DispatchInput {
         self.times.len() / 2 - 1
     }
 
-    /// Adds a row showing the script `doc` for mutation `m` of table `topic`.
-    /// Adds row `index` of the batch.
+    /// Adds row `index` of the batch, showing the script `doc` for mutation
+    /// `m` of table `topic`.
     fn push(&mut self, index: usize, doc: &Map<String, Value>, topic: &str, m: &Mutation) {
         match &mut self.positions {
             Some(p) => p.push(index),
