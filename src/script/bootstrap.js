@@ -325,9 +325,10 @@
     return out;
   }
 
-  // json: [schema, shapes, topics, times, positions], where `times` holds
-  // nanos, logical pairs and `positions` each row's index in the batch
-  // (null when every row of the batch is here); `a` (built by flat.rs) the rows one after another: a header
+  // json: [schema, shapes, topics, times, positions, offset], where `times`
+  // holds nanos, logical pairs and `positions` each row's index in the batch
+  // (null when they are offset, offset + 1, …: every row of the batch, or
+  // of its part, is here); `a` (built by flat.rs) the rows one after another: a header
   // (shape, isDelete (0/1), topic, time (a pair's index), the number of key
   // values (-1: none); or -2 for the previous row's), the key values, then
   // the document: its values in the order of shapes[shape], or (shape -1)
@@ -346,6 +347,7 @@
     const times = input[3];
     // Each row's index in the batch (null: the same as here).
     const positions = input[4];
+    const offset = input[5];
     const fns = shapes.map(maker);
     const tables = [];
     const codes = [];
@@ -438,7 +440,7 @@
         }
       } else {
         codes[nc++] = -2 - results.length;
-        results.push(routable(shape >= 0 ? encodeRouted(v, doc, same, a, o) : v, key, positions === null ? nc - 1 : positions[nc - 1]));
+        results.push(routable(shape >= 0 ? encodeRouted(v, doc, same, a, o) : v, key, positions === null ? offset + nc - 1 : positions[nc - 1]));
       }
       o += width;
     }

@@ -36,11 +36,21 @@ pub struct Engine {
     map_fns: HashSet<String>,
     delete_key_fns: HashSet<String>,
     jobs: Mutex<mpsc::Sender<Job>>,
+    /// How many runtimes serve calls.
+    workers: usize,
     name: String,
 }
 
-/// How many runtimes serve calls: one per core, at most four.
-fn pool_size() -> usize {
+/// Fewest rows a part of a split dispatch batch has: below this, a call's
+/// fixed cost (crossing threads, the batch's header) outweighs the overlap.
+const MIN_SPLIT_ROWS: usize = 256;
+
+/// How many runtimes serve calls: as `limits` says, else one per core, at
+/// most four.
+fn pool_size(limits: &Limits) -> usize {
+    if limits.runtimes > 0 {
+        return limits.runtimes;
+    }
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -90,7 +100,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let (init_tx, init_rx) = mpsc::channel();
-        let n = pool_size();
+        let n = pool_size(&limits);
         for i in 0..n {
             let program = program.clone();
             let limits = limits.clone();
@@ -136,6 +146,7 @@ impl Engine {
             map_fns: p.map_fns,
             delete_key_fns: p.delete_key_fns,
             jobs: Mutex::new(tx),
+            workers: n,
             name: program.entry.clone(),
         })
     }
@@ -189,9 +200,8 @@ impl Engine {
         else {
             return route_by_topic(database, schema, default_table, batch);
         };
-        let mut names = TableNames::new(database, schema);
-
         if let Some(target) = &src.target {
+            let mut names = TableNames::new(database, schema);
             let parts = split_ident(target).map_err(ScriptError::Invalid)?;
             // A `target` of two parts is a database and schema for the topic.
             // Otherwise it is one table for every row, resolved once.
@@ -215,11 +225,65 @@ impl Engine {
                 .collect();
         }
 
-        let delete_fn = self.delete_fns.contains(&key);
+        // A large batch is split across the pool's runtimes, which run its
+        // parts at once: a request then waits for the slowest part instead of
+        // the whole batch on one core. Each part keeps its rows in order and
+        // the parts are joined in order, so the routed rows are as one call
+        // would give them; dispatch sees one row at a time and cannot tell.
+        let from = DispatchSource {
+            key: &key,
+            src,
+            written,
+            database,
+            schema,
+            default_table,
+        };
+        let parts = (batch.len() / MIN_SPLIT_ROWS).clamp(1, self.workers);
+        if parts > 1 {
+            let size = batch.len().div_ceil(parts);
+            let mut batch = batch;
+            let mut chunks = Vec::with_capacity(parts);
+            while batch.len() > size {
+                let rest = batch.split_off(size);
+                chunks.push(std::mem::replace(&mut batch, rest));
+            }
+            chunks.push(batch);
+            let runs = chunks
+                .into_iter()
+                .enumerate()
+                .map(|(p, chunk)| self.dispatch_part(&from, chunk, p * size));
+            let mut routed = Vec::new();
+            // The first part's error, as one call would have reported it.
+            for part in futures::future::join_all(runs).await {
+                routed.append(&mut part?);
+            }
+            return Ok(routed);
+        }
+        self.dispatch_part(&from, batch, 0).await
+    }
+
+    /// Dispatches the rows of `batch` (rows `offset..` of the request)
+    /// through the source's `dispatch` in one call.
+    async fn dispatch_part(
+        &self,
+        from: &DispatchSource<'_>,
+        batch: Vec<Mutation>,
+        offset: usize,
+    ) -> Result<Vec<Routed>, ScriptError> {
+        let &DispatchSource {
+            key,
+            src,
+            written,
+            database,
+            schema,
+            default_table,
+        } = from;
+        let mut names = TableNames::new(database, schema);
+        let delete_fn = self.delete_fns.iter().any(|f| f == key);
         // The document each crossing row shows the script: its `after`, or
         // for a delete handed to a `deletesTo` function, its `before` (or {}).
         let empty = Map::new();
-        let mut input = DispatchInput::with_capacity(schema, batch.len());
+        let mut input = DispatchInput::with_capacity(schema, batch.len(), offset);
         for (i, m) in batch.iter().enumerate() {
             let topic = topic_of(default_table, m)?;
             let shown = match (&m.after, delete_fn) {
@@ -228,7 +292,7 @@ impl Engine {
                 (None, false) => None,
             };
             if let Some(doc) = shown {
-                input.push(i, doc, topic, m);
+                input.push(offset + i, doc, topic, m);
             }
         }
 
@@ -238,7 +302,7 @@ impl Engine {
             let out = self
                 .run(
                     "dispatchBatch",
-                    vec![written.clone().into(), header.into(), Arg::Flat(flat)],
+                    vec![written.to_string().into(), header.into(), Arg::Flat(flat)],
                 )
                 .await?;
             serde_json::from_str(&out)
@@ -258,6 +322,7 @@ impl Engine {
         // own document, which the script returned unchanged).
         let mut targets: Vec<(Arc<TableName>, Option<Document>)> = Vec::new();
         for (i, m) in batch.into_iter().enumerate() {
+            let i = offset + i;
             if m.after.is_none() && !delete_fn {
                 let name = match src.deletes_to.as_deref() {
                     Some(t) if !t.is_empty() => t,
@@ -842,6 +907,19 @@ struct DispatchOutput(Vec<String>, Vec<i64>, Vec<Value>);
 /// Documents with nested values (which could change unseen) or a
 /// `__proto__` property go whole, with shape -1. The script builds `meta`
 /// (`{schema, table, nanos, logical, key}`) from the rest.
+/// Where a dispatched batch came from: the request's database, schema and
+/// default table, and the source configured for them.
+struct DispatchSource<'a> {
+    /// The source's normalized `database.schema`.
+    key: &'a str,
+    src: &'a SourceConfig,
+    /// The source's name as the script wrote it.
+    written: &'a str,
+    database: &'a str,
+    schema: &'a str,
+    default_table: Option<&'a str>,
+}
+
 struct DispatchInput {
     schema: String,
     shapes: Vec<Vec<String>>,
@@ -860,13 +938,15 @@ struct DispatchInput {
     /// pushed (a delete `dispatch` does not see); `None` while they agree.
     /// Errors the script's rows raise name the batch's index.
     positions: Option<Vec<usize>>,
+    /// The batch index of the first row (of a part of a split batch).
+    offset: usize,
 }
 
 /// More distinct property lists than this in one batch go whole.
 const MAX_SHAPES: usize = 64;
 
 impl DispatchInput {
-    fn with_capacity(schema: &str, rows: usize) -> Self {
+    fn with_capacity(schema: &str, rows: usize, offset: usize) -> Self {
         DispatchInput {
             schema: schema.to_string(),
             shapes: Vec::new(),
@@ -878,6 +958,7 @@ impl DispatchInput {
             rows: 0,
             simple: Vec::with_capacity(rows),
             positions: None,
+            offset,
         }
     }
 
@@ -933,8 +1014,8 @@ impl DispatchInput {
     fn push(&mut self, index: usize, doc: &Map<String, Value>, topic: &str, m: &Mutation) {
         match &mut self.positions {
             Some(p) => p.push(index),
-            None if index != self.rows => {
-                let mut p: Vec<usize> = (0..self.rows).collect();
+            None if index != self.offset + self.rows => {
+                let mut p: Vec<usize> = (self.offset..self.offset + self.rows).collect();
                 p.push(index);
                 self.positions = Some(p);
             }
@@ -983,6 +1064,7 @@ impl DispatchInput {
             &self.topics,
             &self.times,
             &self.positions,
+            self.offset,
         ))
         .unwrap_or_default();
         (header, self.flat)

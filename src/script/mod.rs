@@ -194,8 +194,10 @@ pub enum ScriptError {
 pub struct Limits {
     /// How long one call into the script may run.
     pub call_timeout: Duration,
-    /// How many bytes the script's heap may use.
+    /// How many bytes the script's heap may use (each runtime's).
     pub memory_bytes: usize,
+    /// How many runtimes (threads) serve calls; 0: one per core, at most four.
+    pub runtimes: usize,
 }
 
 impl Default for Limits {
@@ -203,6 +205,7 @@ impl Default for Limits {
         Limits {
             call_timeout: Duration::from_secs(5),
             memory_bytes: 256 << 20,
+            runtimes: 0,
         }
     }
 }

@@ -23,6 +23,8 @@ fn limits() -> Limits {
     Limits {
         call_timeout: Duration::from_millis(500),
         memory_bytes: 32 << 20,
+        // Two on any machine, so that large batches are split.
+        runtimes: 2,
     }
 }
 
@@ -131,6 +133,73 @@ fn seed_scripts_drop_local_rows_and_route_the_rest() {
     };
     let out = rt().block_on(script.merge(&kv, vec![conflict])).unwrap();
     assert_eq!(out, vec![MergeOutcome::Dlq("kv.public.kv".into())]);
+}
+
+/// A batch large enough to be split across the runtimes routes exactly as
+/// one call would: every row in order, and an error names the row by its
+/// place in the whole batch (past a delete the script does not see).
+#[test]
+fn a_split_batch_routes_in_order_and_names_rows_by_batch_index() {
+    let dir = dir_with(&[(
+        "main.ts",
+        r#"
+import * as api from "replicator@v1";
+api.configureSource("db.s", {
+  dispatch: (doc, meta) => {
+    if (doc.v === "map") return new Map();
+    if (doc.v === "number") return { a: 5 };
+    if (doc.k % 3 === 0) return null;
+    if (doc.k % 3 === 1) return { a: [doc] };
+    return { b: [{ k: doc.k, twice: doc.k * 2 }] };
+  },
+  deletesTo: "gone",
+});
+"#,
+    )]);
+    let s = load(&dir, "main.ts").unwrap();
+    let batch = |bad: Option<&str>| -> Vec<Mutation> {
+        (0..1000)
+            .map(|k| match k {
+                700 => delete(k, k),
+                900 if bad.is_some() => upsert(json!({"k": k, "v": bad.unwrap()}), k),
+                _ => upsert(json!({"k": k, "v": "x"}), k),
+            })
+            .collect()
+    };
+    let routed = rt()
+        .block_on(s.dispatch("db", "s", None, batch(None)))
+        .unwrap();
+    let mut expected = Vec::new();
+    for k in 0..1000i64 {
+        let (table, doc) = match (k, k % 3) {
+            (700, _) => ("gone", None),
+            (_, 0) => continue,
+            (_, 1) => ("a", Some(json!({"k": k, "v": "x"}))),
+            _ => ("b", Some(json!({"k": k, "twice": k * 2}))),
+        };
+        expected.push((table.to_string(), k, doc));
+    }
+    let got: Vec<_> = routed
+        .iter()
+        .map(|r| {
+            let m = &r.mutation;
+            let doc = m.after.as_ref().map(|d| Value::Object(d.clone()));
+            (r.table.table.clone(), m.updated.nanos, doc)
+        })
+        .collect();
+    assert_eq!(got.len(), expected.len());
+    assert_eq!(got, expected);
+
+    for (bad, needle) in [
+        ("map", "returned a Map for row 900"),
+        ("number", "returned {\"a\": 5} for row 900"),
+    ] {
+        let err = rt()
+            .block_on(s.dispatch("db", "s", None, batch(Some(bad))))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{bad}: {err}");
+    }
 }
 
 #[test]

@@ -100,6 +100,7 @@ pub async fn serve(args: StartArgs) -> Result<RunningServer> {
             Limits {
                 call_timeout: args.userscript_timeout,
                 memory_bytes: args.userscript_memory_mib << 20,
+                ..Limits::default()
             },
         )?,
         None => Userscript::none(),
