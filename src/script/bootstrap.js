@@ -426,7 +426,7 @@
           isArray((list = v[name])) &&
           list.length === 1 &&
           list[0] === doc &&
-          (kept = same(doc, a, o))
+          (kept = same === unchanged || same(doc, a, o))
         ) {
           if (name !== lastName) {
             lastT = tables.indexOf(name);
