@@ -242,14 +242,15 @@ impl Engine {
         if parts > 1 {
             let size = batch.len().div_ceil(parts);
             let mut batch = batch;
-            let mut chunks = Vec::with_capacity(parts);
-            while batch.len() > size {
-                let rest = batch.split_off(size);
-                chunks.push(std::mem::replace(&mut batch, rest));
-            }
+            // Cut from the end, so that each row moves once.
+            let mut chunks: Vec<Vec<Mutation>> = (1..parts)
+                .rev()
+                .map(|p| batch.split_off(p * size))
+                .collect();
             chunks.push(batch);
             let runs = chunks
                 .into_iter()
+                .rev()
                 .enumerate()
                 .map(|(p, chunk)| self.dispatch_part(&from, chunk, p * size));
             let mut routed = Vec::new();

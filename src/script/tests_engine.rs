@@ -156,7 +156,12 @@ api.configureSource("db.s", {
 });
 "#,
     )]);
-    let s = load(&dir, "main.ts").unwrap();
+    // Four runtimes: the batch goes in three parts (of at least 256 rows).
+    let limits = Limits {
+        runtimes: 4,
+        ..limits()
+    };
+    let s = Userscript::load(&dir.path().join("main.ts"), limits).unwrap();
     let batch = |bad: Option<&str>| -> Vec<Mutation> {
         (0..1000)
             .map(|k| match k {
