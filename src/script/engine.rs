@@ -1,7 +1,9 @@
 //! The engine behind [`super::Userscript`]: a small pool of threads, each with
 //! its own QuickJS runtime that loaded the same script. Calls cross into
-//! JavaScript once per batch: dispatch rows as values built on the script's
-//! thread ([`FlatArray`]), everything else and every answer as JSON text.
+//! JavaScript once per batch (a large dispatch batch once per part, the parts
+//! on several runtimes at once): dispatch rows as values built on the
+//! script's thread ([`FlatArray`]), everything else and every answer as JSON
+//! text.
 //! While an `apply` call runs, its `getTX()` requests come back to the async
 //! caller, which runs them on the request's transaction and replies.
 

@@ -245,8 +245,9 @@ impl Userscript {
 
     /// Routes a request's mutations to target tables. `database`/`schema` come
     /// from the URL; `default_table` from the URL's third segment, if any.
-    /// Sources with a `dispatch` function call it once per batch; others route
-    /// each mutation to its topic's (or the URL's) table.
+    /// Sources with a `dispatch` function call it for each row, a batch per
+    /// call into the script (a large batch in parts, on several runtimes at
+    /// once); others route each mutation to its topic's (or the URL's) table.
     pub async fn dispatch(
         &self,
         database: &str,
