@@ -328,11 +328,11 @@
   // json: [schema, shapes, topics, times, positions, offset], where `times`
   // holds nanos, logical pairs and `positions` each row's index in the batch
   // (null when they are offset, offset + 1, …: every row of the batch, or
-  // of its part, is here); `a` (built by flat.rs) the rows one after another: a header
-  // (shape, isDelete (0/1), topic, time (a pair's index), the number of key
-  // values (-1: none); or -2 for the previous row's), the key values, then
-  // the document: its values in the order of shapes[shape], or (shape -1)
-  // the document itself.
+  // of its part, is here); `a` (built by flat.rs) the rows one after
+  // another: a header (shape, isDelete (0/1), topic, time (a pair's index),
+  // the number of key values (-1: none); or -2 for the previous row's), the
+  // key values, then the document: its values in the order of
+  // shapes[shape], or (shape -1) the document itself.
   // output: [tables, codes, results], one code per row: -1 when the row
   // goes nowhere (null or {}), t >= 0 when it goes to tables[t] as its own
   // unchanged document (the common case, sent as one number), and -2 - i

@@ -895,21 +895,6 @@ fn take_routed_document(mutation: &mut Mutation, doc: Option<Map<String, Value>>
 #[derive(Default, serde::Deserialize)]
 struct DispatchOutput(Vec<String>, Vec<i64>, Vec<Value>);
 
-/// The rows `dispatchBatch` receives: a JSON text `[schema, shapes, topics,
-/// times]` and a [`FlatArray`] `flat`. `shapes` lists property-name lists;
-/// `times` holds one nanos, logical pair per run of rows sharing `updated`
-/// (rows of one source transaction share one, so each pair travels once);
-/// `flat` holds the rows
-/// one after another as plain values (no array per row, which QuickJS would
-/// have to build): a header (shape, isDelete (0/1), topic, time (an index
-/// into `times`), the number of key values (-1: no key); or -2 when it is the
-/// previous row's, as it nearly always is), the key values, then the
-/// document's values in the
-/// order of `shapes[shape]`, which the script builds into an object and
-/// which lets it answer with one number for a row routed unchanged.
-/// Documents with nested values (which could change unseen) or a
-/// `__proto__` property go whole, with shape -1. The script builds `meta`
-/// (`{schema, table, nanos, logical, key}`) from the rest.
 /// Where a dispatched batch came from: the request's database, schema and
 /// default table, and the source configured for them.
 struct DispatchSource<'a> {
@@ -923,6 +908,22 @@ struct DispatchSource<'a> {
     default_table: Option<&'a str>,
 }
 
+/// The rows `dispatchBatch` receives: a JSON text `[schema, shapes, topics,
+/// times, positions, offset]` (see `dispatchBatch` in bootstrap.js) and a
+/// [`FlatArray`] `flat`. `shapes` lists property-name lists;
+/// `times` holds one nanos, logical pair per run of rows sharing `updated`
+/// (rows of one source transaction share one, so each pair travels once);
+/// `flat` holds the rows
+/// one after another as plain values (no array per row, which QuickJS would
+/// have to build): a header (shape, isDelete (0/1), topic, time (an index
+/// into `times`), the number of key values (-1: no key); or -2 when it is the
+/// previous row's, as it nearly always is), the key values, then the
+/// document's values in the
+/// order of `shapes[shape]`, which the script builds into an object and
+/// which lets it answer with one number for a row routed unchanged.
+/// Documents with nested values (which could change unseen) or a
+/// `__proto__` property go whole, with shape -1. The script builds `meta`
+/// (`{schema, table, nanos, logical, key}`) from the rest.
 struct DispatchInput {
     schema: String,
     shapes: Vec<Vec<String>>,
