@@ -122,6 +122,20 @@ impl Bulk {
     fn rows_per_sec(&self, rows: i64) -> f64 {
         rows as f64 / self.total.as_secs_f64()
     }
+
+    /// Prints the phase `label` of `rows` rows.
+    fn print(&self, sys: System, label: &str, rows: i64) {
+        println!(
+            "  {:<8} {label:<7} {:>8.0} rows/s  (east wrote in {:.2}s, west complete after {:.2}s; \
+             CPU µs/row: machine {:.1}, this process {:.1})",
+            sys.name(),
+            self.rows_per_sec(rows),
+            self.write.as_secs_f64(),
+            self.total.as_secs_f64(),
+            self.machine_us,
+            self.process_us
+        );
+    }
 }
 
 struct Lag {
@@ -287,27 +301,9 @@ async fn phases(
     sizes: Sizes,
 ) -> Result<(Bulk, Bulk, Lag)> {
     let insert = bulk(sys, east, west, sizes, 1).await?;
-    println!(
-        "  {:<8} insert  {:>8.0} rows/s  (east wrote in {:.2}s, west complete after {:.2}s; \
-         CPU µs/row: machine {:.1}, this process {:.1})",
-        sys.name(),
-        insert.rows_per_sec(sizes.rows),
-        insert.write.as_secs_f64(),
-        insert.total.as_secs_f64(),
-        insert.machine_us,
-        insert.process_us
-    );
+    insert.print(sys, "insert", sizes.rows);
     let update = bulk(sys, east, west, sizes, 2).await?;
-    println!(
-        "  {:<8} update  {:>8.0} rows/s  (east wrote in {:.2}s, west complete after {:.2}s; \
-         CPU µs/row: machine {:.1}, this process {:.1})",
-        sys.name(),
-        update.rows_per_sec(sizes.rows),
-        update.write.as_secs_f64(),
-        update.total.as_secs_f64(),
-        update.machine_us,
-        update.process_us
-    );
+    update.print(sys, "update", sizes.rows);
     let lag = lag(sys, east, west, sizes).await?;
     println!(
         "  {:<8} lag     p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms  ({} rows at {}/s)",
