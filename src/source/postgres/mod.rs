@@ -701,8 +701,9 @@ fn push_txn(p: &mut Pipeline, t: &Txn, flush_rows: usize, flush_bytes: usize) {
 }
 
 /// Hands the rows of a transaction still being decoded to batches once they
-/// are more than one holds (it will be split anyway), so that a huge transaction is held a
-/// few batches at a time: the stream is not read while the queue is full.
+/// are more than one holds (it will be split anyway), so that a huge
+/// transaction is held a few batches at a time: the stream is not read while
+/// the queue is full.
 fn hand_over(p: &mut Pipeline, t: &mut Txn, flush_rows: usize, flush_bytes: usize) {
     if !t.exceeds_batch(flush_rows, flush_bytes) {
         return;
