@@ -110,9 +110,7 @@ impl PgCluster {
         };
         if is_root() {
             // The postgres user must own the tree and reach it.
-            run(Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&root))?;
+            give_to_postgres(true, &[&root])?;
             run(Command::new("chmod").arg("0755").arg(&root))?;
         }
         if !data.join("PG_VERSION").exists() {
@@ -212,9 +210,7 @@ impl PgCluster {
         // The server refuses a key others can read.
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         if is_root() {
-            run(Command::new("chown")
-                .arg("postgres:postgres")
-                .args([&crt, &key]))?;
+            give_to_postgres(false, &[&crt, &key])?;
         }
         let client = admin_client(self.port).await?;
         // Two statements: ALTER SYSTEM refuses the implicit transaction of
@@ -278,6 +274,16 @@ impl Drop for PgCluster {
             let _ = std::fs::remove_dir_all(&self.root);
         }
     }
+}
+
+/// Makes the postgres user own `paths` (whole trees with `recursive`): the
+/// server runs as that user when this process is root.
+fn give_to_postgres(recursive: bool, paths: &[&Path]) -> Result<()> {
+    let mut chown = Command::new("chown");
+    if recursive {
+        chown.arg("-R");
+    }
+    run(chown.arg("postgres:postgres").args(paths))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
