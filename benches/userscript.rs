@@ -20,7 +20,7 @@ fn row(k: i64, source: &str) -> Mutation {
     Mutation {
         topic: Some("kv".into()),
         key: Some(vec![json!(k)]),
-        after: Some(after.as_object().unwrap().clone()),
+        after: Some(after.try_into().unwrap()),
         before: Before::Null,
         // Rows of one source transaction share `updated`: 100 per transaction.
         updated: Hlc::new(1_700_000_000_000_000_000 + k / 100, 0),

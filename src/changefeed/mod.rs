@@ -5,19 +5,18 @@
 //! logical clock, and the receive-side orchestration in [`receiver`] that takes a
 //! parsed batch through the userscript into the target in one transaction.
 
+pub mod document;
 pub mod hlc;
 pub mod receiver;
 pub mod wire;
 
+pub use document::Document;
 pub use hlc::Hlc;
 pub use wire::{parse_body, Envelope, ParseError};
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
-
-/// A JSON object: one row's columns by name.
-pub type Document = Map<String, Value>;
+use serde_json::Value;
 
 /// One changed row as the changefeed reported it.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,7 +59,7 @@ impl Before {
     /// As JSON: the row, or `null` when absent or null (what the DLQ stores).
     pub fn to_json(&self) -> Value {
         match self {
-            Before::Row(d) => Value::Object(d.clone()),
+            Before::Row(d) => d.to_value(),
             _ => Value::Null,
         }
     }

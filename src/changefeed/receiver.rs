@@ -580,7 +580,7 @@ impl Receiver {
                         dlq_name: name,
                         source_nanos: m.updated.nanos,
                         source_logical: m.updated.logical as i64,
-                        data_after: m.after.clone().map(Value::Object).unwrap_or(Value::Null),
+                        data_after: m.after.as_ref().map_or(Value::Null, Document::to_value),
                         data_before: match m.before.row() {
                             Some(_) => m.before.to_json(),
                             // A delete sent without `before`: its key is all

@@ -281,7 +281,7 @@ fn parse_hlc(field: &str, v: &Value) -> Result<Hlc, String> {
 fn object(field: &str, v: Value) -> Result<Option<Document>, String> {
     match v {
         Value::Null => Ok(None),
-        Value::Object(m) => Ok(Some(m)),
+        Value::Object(m) => Ok(Some(m.into())),
         other => Err(format!(
             "\"{field}\" must be an object or null, got {other}"
         )),
@@ -356,7 +356,7 @@ mod tests {
             {"after":null,"before":{"k":2,"v":"b"},"key":[2],"topic":"kv","updated":"6.1"},
             {"after":{"k":3},"key":[3],"topic":"t\u0031","updated":"7.0"}],"length":3}"#;
         let rows = parse_batch_fast(body).expect("the fast path reads it");
-        let doc = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let doc = |v: serde_json::Value| v.try_into().unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(
             rows[0].after,

@@ -285,7 +285,7 @@ impl Engine {
         let delete_fn = self.delete_fns.iter().any(|f| f == key);
         // The document each crossing row shows the script: its `after`, or
         // for a delete handed to a `deletesTo` function, its `before` (or {}).
-        let empty = Map::new();
+        let empty = Document::new();
         let mut input = DispatchInput::with_capacity(schema, batch.len(), offset);
         for (i, m) in batch.iter().enumerate() {
             let topic = topic_of(default_table, m)?;
@@ -396,7 +396,8 @@ impl Engine {
                         }
                     };
                     match d {
-                        Value::Object(mut doc) => {
+                        Value::Object(doc) => {
+                            let mut doc = Document::from(doc);
                             if let Some(own) = own {
                                 restore_exact_numbers(&mut doc, own);
                             }
@@ -433,9 +434,10 @@ impl Engine {
         json.push(b'[');
         let mut crossing = 0usize;
         for m in &batch {
+            // The document a map sees, or the key a deleteKey function sees.
             let doc = match &m.after {
-                Some(after) if raw.map => Value::Object(after.clone()),
-                None if raw.delete_key_fn => Value::Array(m.key.clone().unwrap_or_default()),
+                Some(after) if raw.map => Ok(after),
+                None if raw.delete_key_fn => Err(m.key.as_deref().unwrap_or_default()),
                 _ => continue,
             };
             if crossing > 0 {
@@ -443,8 +445,11 @@ impl Engine {
             }
             crossing += 1;
             json.push(b'[');
-            serde_json::to_writer(&mut json, &doc)
-                .map_err(|e| ScriptError::Invalid(e.to_string()))?;
+            match doc {
+                Ok(doc) => serde_json::to_writer(&mut json, doc),
+                Err(key) => serde_json::to_writer(&mut json, key),
+            }
+            .map_err(|e| ScriptError::Invalid(e.to_string()))?;
             json.push(b',');
             write_meta(&mut json, &table.database, &table.schema, &table.table, m);
             json.extend_from_slice(if m.after.is_none() {
@@ -482,7 +487,8 @@ impl Engine {
             }
             match (results.next().unwrap_or(Value::Null), m.after.is_some()) {
                 (Value::Null, _) => {}
-                (Value::Object(mut doc), true) => {
+                (Value::Object(doc), true) => {
+                    let mut doc = Document::from(doc);
                     if let Some(own) = &m.after {
                         restore_exact_numbers(&mut doc, own);
                     }
@@ -538,13 +544,13 @@ impl Engine {
             .map(|c| {
                 let mut op = Map::new();
                 if let Some(b) = &c.before {
-                    op.insert("before".into(), Value::Object(b.clone()));
+                    op.insert("before".into(), b.to_value());
                 }
                 op.insert(
                     "proposed".into(),
-                    c.proposed.clone().map(Value::Object).unwrap_or(Value::Null),
+                    c.proposed.as_ref().map_or(Value::Null, Document::to_value),
                 );
-                op.insert("target".into(), Value::Object(c.target.clone()));
+                op.insert("target".into(), c.target.to_value());
                 op.insert(
                     "unmerged".into(),
                     Value::Array(c.unmerged.iter().cloned().map(Value::String).collect()),
@@ -579,7 +585,7 @@ impl Engine {
                         Some((k, Value::Object(doc))) if k == "apply" => {
                             // Numbers passed through from either side stay
                             // exact; the stored row's reading wins a tie.
-                            let mut doc = doc.clone();
+                            let mut doc = Document::from(doc.clone());
                             if let Some(p) = &c.proposed {
                                 restore_exact_numbers(&mut doc, p);
                             }
@@ -641,14 +647,14 @@ impl Engine {
                         let pk = primary
                             .iter()
                             .map(|c| {
-                                data.get(*c)
+                                data.get(c)
                                     .or_else(|| data.get(&unquote(c)))
                                     .cloned()
                                     .unwrap_or(Value::Null)
                             })
                             .collect();
                         o.insert("pk".into(), Value::Array(pk));
-                        o.insert("data".into(), Value::Object(data));
+                        o.insert("data".into(), data.into());
                         (before, updated)
                     }
                     ApplyOp::Delete {
@@ -668,7 +674,7 @@ impl Engine {
                     meta.insert("logical".into(), t.logical.into());
                 }
                 if let Some(b) = before {
-                    o.insert("before".into(), Value::Object(b));
+                    o.insert("before".into(), b.into());
                 }
                 o.insert("meta".into(), Value::Object(meta));
                 Value::Object(o)
@@ -751,10 +757,8 @@ async fn serve_tx(
                 .enumerate()
                 .map(|(i, mut op)| {
                     let origin = from.get(i).and_then(|&f| usize::try_from(f).ok());
-                    if let (Value::Object(op), Some(Value::Object(own))) =
-                        (&mut op, origin.and_then(|f| handed.get(f)))
-                    {
-                        restore_exact_numbers(op, own);
+                    if let Some(own) = origin.and_then(|f| handed.get(f)) {
+                        restore_exact_number(&mut op, own);
                     }
                     parse_op(op)
                 })
@@ -775,7 +779,7 @@ fn parse_op(v: Value) -> Result<ApplyOp, String> {
         ));
     };
     let before = match o.remove("before") {
-        Some(Value::Object(b)) => Some(b),
+        Some(Value::Object(b)) => Some(Document::from(b)),
         _ => None,
     };
     let updated = match o.get("meta").and_then(|m| m.get("updated")) {
@@ -791,7 +795,7 @@ fn parse_op(v: Value) -> Result<ApplyOp, String> {
     match o.get("action").and_then(Value::as_str) {
         Some("upsert") => match o.remove("data") {
             Some(Value::Object(data)) => Ok(ApplyOp::Upsert {
-                data,
+                data: data.into(),
                 before,
                 updated,
             }),
@@ -838,35 +842,43 @@ fn write_meta(out: &mut Vec<u8>, _database: &str, schema: &str, table: &str, m: 
 /// as the row's own number at the same place (same property, same array
 /// index), the script passed it through: its exact text is put back. A
 /// number the script computed differs from the original and is left alone.
-fn restore_exact_numbers(returned: &mut Map<String, Value>, own: &Map<String, Value>) {
-    fn restore(r: &mut Value, o: &Value) {
-        match (r, o) {
-            // Equal text (nearly every number) needs no parse.
-            (Value::Number(rn), Value::Number(on))
-                if rn.as_str() != on.as_str()
-                    && rn.as_f64().is_some_and(|f| on.as_f64() == Some(f)) =>
-            {
-                *rn = on.clone();
-            }
-            (Value::Object(r), Value::Object(o)) => restore_exact_numbers(r, o),
-            (Value::Array(r), Value::Array(o)) => {
-                for (r, o) in r.iter_mut().zip(o) {
-                    restore(r, o);
-                }
-            }
-            _ => {}
-        }
-    }
+fn restore_exact_numbers(returned: &mut Document, own: &Document) {
     for (k, r) in returned.iter_mut() {
         if let Some(o) = own.get(k) {
-            restore(r, o);
+            restore_exact_number(r, o);
         }
+    }
+}
+
+/// [`restore_exact_numbers`] for one value and what it holds.
+fn restore_exact_number(r: &mut Value, o: &Value) {
+    match (r, o) {
+        // Equal text (nearly every number) needs no parse.
+        (Value::Number(rn), Value::Number(on))
+            if rn.as_str() != on.as_str()
+                && rn.as_f64().is_some_and(|f| on.as_f64() == Some(f)) =>
+        {
+            *rn = on.clone();
+        }
+        (Value::Object(r), Value::Object(o)) => {
+            for (k, r) in r.iter_mut() {
+                if let Some(o) = o.get(k) {
+                    restore_exact_number(r, o);
+                }
+            }
+        }
+        (Value::Array(r), Value::Array(o)) => {
+            for (r, o) in r.iter_mut().zip(o) {
+                restore_exact_number(r, o);
+            }
+        }
+        _ => {}
     }
 }
 
 /// Gives a row the document dispatch routed it with (`None`: its own,
 /// unchanged).
-fn take_routed_document(mutation: &mut Mutation, doc: Option<Map<String, Value>>) {
+fn take_routed_document(mutation: &mut Mutation, doc: Option<Document>) {
     match doc {
         Some(doc) if mutation.after.is_some() => mutation.after = Some(doc),
         // A delete whose row never existed at the source stays a no-op,
@@ -883,7 +895,7 @@ fn take_routed_document(mutation: &mut Mutation, doc: Option<Map<String, Value>>
         // the source sent no `before`) names the row.
         None => {
             if mutation.before == Before::Absent {
-                mutation.before = Before::Row(Map::new());
+                mutation.before = Before::Row(Document::new());
             }
         }
     }
@@ -966,7 +978,7 @@ impl DispatchInput {
         }
     }
 
-    fn shape_of(&mut self, doc: &Map<String, Value>) -> Option<usize> {
+    fn shape_of(&mut self, doc: &Document) -> Option<usize> {
         let plain = doc
             .iter()
             .all(|(k, v)| k != "__proto__" && !matches!(v, Value::Object(_) | Value::Array(_)));
@@ -1015,7 +1027,7 @@ impl DispatchInput {
 
     /// Adds row `index` of the batch, showing the script `doc` for mutation
     /// `m` of table `topic`.
-    fn push(&mut self, index: usize, doc: &Map<String, Value>, topic: &str, m: &Mutation) {
+    fn push(&mut self, index: usize, doc: &Document, topic: &str, m: &Mutation) {
         match &mut self.positions {
             Some(p) => p.push(index),
             None if index != self.offset + self.rows => {

@@ -83,7 +83,7 @@ impl FlatArray {
     }
 
     /// Appends a whole document (an object).
-    pub fn push_document(&mut self, doc: &serde_json::Map<String, serde_json::Value>) {
+    pub fn push_document(&mut self, doc: &crate::changefeed::Document) {
         self.push_json(doc);
     }
 
@@ -146,7 +146,7 @@ mod tests {
             flat.push(v);
         }
         let doc = serde_json::json!({"k": 1, "s": "x"});
-        flat.push_document(doc.as_object().unwrap());
+        flat.push_document(&doc.clone().try_into().unwrap());
         flat.push_int(-2);
         let rt = Runtime::new().unwrap();
         let ctx = Context::full(&rt).unwrap();

@@ -42,7 +42,7 @@ fn upsert(doc: Value, n: i64) -> Mutation {
     Mutation {
         topic: Some("kv".into()),
         key: Some(vec![doc["k"].clone()]),
-        after: Some(doc.as_object().unwrap().clone()),
+        after: Some(doc.try_into().unwrap()),
         before: Before::Null,
         updated: Hlc::new(n, 0),
     }
@@ -55,9 +55,8 @@ fn delete(k: i64, n: i64) -> Mutation {
         after: None,
         before: Before::Row(
             json!({"k": k, "v": "old", "_source": "east"})
-                .as_object()
-                .unwrap()
-                .clone(),
+                .try_into()
+                .unwrap(),
         ),
         updated: Hlc::new(n, 0),
     }
@@ -125,8 +124,8 @@ fn seed_scripts_drop_local_rows_and_route_the_rest() {
     // The fallback sends losers to a DLQ named after the table.
     let conflict = Conflict {
         before: None,
-        proposed: Some(json!({"k": 1, "v": "x"}).as_object().unwrap().clone()),
-        target: json!({"k": 1, "v": "y"}).as_object().unwrap().clone(),
+        proposed: Some(json!({"k": 1, "v": "x"}).try_into().unwrap()),
+        target: json!({"k": 1, "v": "y"}).try_into().unwrap(),
         unmerged: vec!["v".into()],
         nanos: 5,
         logical: 0,
@@ -188,7 +187,7 @@ api.configureSource("db.s", {
         .iter()
         .map(|r| {
             let m = &r.mutation;
-            let doc = m.after.as_ref().map(|d| Value::Object(d.clone()));
+            let doc = m.after.as_ref().map(|d| d.to_value());
             (r.table.table.clone(), m.updated.nanos, doc)
         })
         .collect();
@@ -487,8 +486,8 @@ api.configureTable("kv", {
     let t = TableName::new("db", "public", "kv");
     let c = |k: i64| Conflict {
         before: None,
-        proposed: Some(json!({"k": k, "v": "p"}).as_object().unwrap().clone()),
-        target: json!({"k": k, "v": "t"}).as_object().unwrap().clone(),
+        proposed: Some(json!({"k": k, "v": "p"}).try_into().unwrap()),
+        target: json!({"k": k, "v": "t"}).try_into().unwrap(),
         unmerged: vec![],
         nanos: 1,
         logical: 0,
@@ -497,7 +496,7 @@ api.configureTable("kv", {
     assert_eq!(
         out,
         vec![
-            MergeOutcome::Apply(json!({"k": 1, "v": "pt"}).as_object().unwrap().clone()),
+            MergeOutcome::Apply(json!({"k": 1, "v": "pt"}).try_into().unwrap()),
             MergeOutcome::Dlq("conflicts".into()),
             MergeOutcome::Drop
         ]
@@ -536,7 +535,7 @@ impl ScriptTx for FakeTx {
     async fn apply(&mut self, ops: Vec<ApplyOp>) -> Result<(), String> {
         for op in ops {
             self.log.push(match op {
-                ApplyOp::Upsert { data, .. } => format!("upsert {}", Value::Object(data)),
+                ApplyOp::Upsert { data, .. } => format!("upsert {}", Value::from(data)),
                 ApplyOp::Delete { pk, .. } => format!("delete {}", Value::Array(pk)),
             });
         }
@@ -596,12 +595,12 @@ fn apply_services_get_tx_through_the_caller() {
     let t = TableName::new("db", "public", "kv");
     let ops = vec![
         ApplyOp::Upsert {
-            data: json!({"k": 1, "v": "a"}).as_object().unwrap().clone(),
+            data: json!({"k": 1, "v": "a"}).try_into().unwrap(),
             before: None,
             updated: None,
         },
         ApplyOp::Upsert {
-            data: json!({"k": 2, "v": "skip"}).as_object().unwrap().clone(),
+            data: json!({"k": 2, "v": "skip"}).try_into().unwrap(),
             before: None,
             updated: None,
         },
@@ -625,7 +624,7 @@ fn apply_services_get_tx_through_the_caller() {
 
     // A rejected promise fails the call, with the position in the .ts.
     let ops = vec![ApplyOp::Upsert {
-        data: json!({"k": 1, "v": "reject"}).as_object().unwrap().clone(),
+        data: json!({"k": 1, "v": "reject"}).try_into().unwrap(),
         before: None,
         updated: None,
     }];
@@ -735,7 +734,7 @@ api.configureSource("db.s", {
                 r.mutation
                     .after
                     .clone()
-                    .map(Value::Object)
+                    .map(Value::from)
                     .unwrap_or(Value::Null),
                 r.mutation.before.to_json(),
             )
@@ -803,7 +802,7 @@ api.configureSource("db.s", {
     let routed = dispatch_with(script, batch);
     let got: Vec<Value> = routed
         .iter()
-        .map(|r| Value::Object(r.mutation.after.clone().unwrap()))
+        .map(|r| Value::from(r.mutation.after.clone().unwrap()))
         .collect();
     let changed = |k: i64, f: &dyn Fn(&mut Value)| {
         let mut d = doc(k);
@@ -902,7 +901,7 @@ api.configureTable("kv", {
     let s = Userscript::load(&dir.path().join("main.ts"), limits()).unwrap();
     let t = TableName::new("db", "public", "kv");
     let op = |v: &str| ApplyOp::Upsert {
-        data: json!({"k": 1, "v": v}).as_object().unwrap().clone(),
+        data: json!({"k": 1, "v": v}).try_into().unwrap(),
         before: None,
         updated: None,
     };
@@ -956,7 +955,7 @@ api.configureSource("db.s", {
     let got: Vec<(String, Value)> = routed
         .iter()
         .map(|r| {
-            let doc = r.mutation.after.clone().map(Value::Object);
+            let doc = r.mutation.after.clone().map(Value::from);
             (r.table.table.clone(), doc.unwrap_or(Value::Null))
         })
         .collect();

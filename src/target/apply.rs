@@ -723,7 +723,7 @@ pub async fn fetch_losers(
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
     let rows = tx.query(&stmt, &p).await.map_err(TargetError::db)?;
     let obj = |v: Option<Value>| match v {
-        Some(Value::Object(m)) => Some(m),
+        Some(Value::Object(m)) => Some(Document::from(m)),
         _ => None,
     };
     Ok(rows

@@ -84,7 +84,7 @@ mod tests {
     use serde_json::json;
 
     fn doc(v: serde_json::Value) -> Document {
-        v.as_object().unwrap().clone()
+        v.try_into().unwrap()
     }
 
     #[test]
