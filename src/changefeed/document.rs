@@ -4,7 +4,7 @@
 //! A changefeed sends every column of its table in every row, in the same
 //! order, so the rows of a batch nearly always have the same property names.
 //! A document keeps its values in a `Vec` and shares the list of names (its
-//! [`Shape`]) with the rows parsed before it: reading a row allocates no key
+//! shape) with the rows parsed before it: reading a row allocates no key
 //! and no tree node, and every later pass over a batch (dispatch, folding
 //! duplicate keys, conversion, freeing) touches far less memory than a map
 //! per row. In the apply benchmark this cut the receiver's CPU per row by
@@ -29,7 +29,7 @@ const INDEXED: usize = 16;
 
 /// The property names of a document, in order, without repeats.
 #[derive(Clone, Default)]
-pub struct Shape {
+struct Shape {
     names: Vec<String>,
     index: Option<HashMap<String, usize>>,
 }
