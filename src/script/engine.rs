@@ -434,10 +434,9 @@ impl Engine {
         json.push(b'[');
         let mut crossing = 0usize;
         for m in &batch {
-            // The document a map sees, or the key a deleteKey function sees.
-            let doc = match &m.after {
-                Some(after) if raw.map => Ok(after),
-                None if raw.delete_key_fn => Err(m.key.as_deref().unwrap_or_default()),
+            let shown = match &m.after {
+                Some(after) if raw.map => Shown::Document(after),
+                None if raw.delete_key_fn => Shown::Key(m.key.as_deref().unwrap_or_default()),
                 _ => continue,
             };
             if crossing > 0 {
@@ -445,11 +444,8 @@ impl Engine {
             }
             crossing += 1;
             json.push(b'[');
-            match doc {
-                Ok(doc) => serde_json::to_writer(&mut json, doc),
-                Err(key) => serde_json::to_writer(&mut json, key),
-            }
-            .map_err(|e| ScriptError::Invalid(e.to_string()))?;
+            serde_json::to_writer(&mut json, &shown)
+                .map_err(|e| ScriptError::Invalid(e.to_string()))?;
             json.push(b',');
             write_meta(&mut json, &table.database, &table.schema, &table.table, m);
             json.extend_from_slice(if m.after.is_none() {
@@ -843,8 +839,16 @@ fn write_meta(out: &mut Vec<u8>, _database: &str, schema: &str, table: &str, m: 
 /// index), the script passed it through: its exact text is put back. A
 /// number the script computed differs from the original and is left alone.
 fn restore_exact_numbers(returned: &mut Document, own: &Document) {
-    for (k, r) in returned.iter_mut() {
-        if let Some(o) = own.get(k) {
+    restore_by_name(returned.iter_mut(), |k| own.get(k));
+}
+
+/// Restores each returned property from the one of the same name in `own`.
+fn restore_by_name<'r, 'o>(
+    returned: impl Iterator<Item = (&'r String, &'r mut Value)>,
+    own: impl Fn(&str) -> Option<&'o Value>,
+) {
+    for (k, r) in returned {
+        if let Some(o) = own(k) {
             restore_exact_number(r, o);
         }
     }
@@ -860,13 +864,7 @@ fn restore_exact_number(r: &mut Value, o: &Value) {
         {
             *rn = on.clone();
         }
-        (Value::Object(r), Value::Object(o)) => {
-            for (k, r) in r.iter_mut() {
-                if let Some(o) = o.get(k) {
-                    restore_exact_number(r, o);
-                }
-            }
-        }
+        (Value::Object(r), Value::Object(o)) => restore_by_name(r.iter_mut(), |k| o.get(k)),
         (Value::Array(r), Value::Array(o)) => {
             for (r, o) in r.iter_mut().zip(o) {
                 restore_exact_number(r, o);
@@ -874,6 +872,15 @@ fn restore_exact_number(r: &mut Value, o: &Value) {
         }
         _ => {}
     }
+}
+
+/// What a map function is shown of a row: its document, or for a delete
+/// handed to a `deleteKey` function, its key.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Shown<'a> {
+    Document(&'a Document),
+    Key(&'a [Value]),
 }
 
 /// Gives a row the document dispatch routed it with (`None`: its own,
