@@ -1304,3 +1304,39 @@ async fn merges_compare_numerics_by_value() {
     f.post_ok("/num_merge/public", body).await;
     assert_eq!(f.dump("SELECT n, b, ts FROM m").await, vec!["1.0|b1|20"]);
 }
+
+/// Rows of one batch need not share their properties: reordered, missing
+/// (the column's default on insert) and repeated properties (the last value
+/// counts, as in a JSON object) all land as sent, with and without a
+/// dispatch function in between.
+#[tokio::test]
+async fn rows_of_one_batch_may_differ_in_properties() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureSource("shapes_script.public", {
+          dispatch: (doc: any, meta: any) => ({ [meta.table]: [doc] }),
+        });"#,
+    );
+    let setup = "CREATE TABLE t (id INT8 PRIMARY KEY, a TEXT, b TEXT DEFAULT 'dflt')";
+    let body = batch(&[
+        r#"{"after":{"id":1,"a":"x","b":"y"},"key":[1],"topic":"t","updated":"1.0"}"#.to_string(),
+        r#"{"after":{"b":"q","id":2,"a":"p"},"key":[2],"topic":"t","updated":"1.0"}"#.to_string(),
+        r#"{"after":{"id":3,"a":"only"},"key":[3],"topic":"t","updated":"1.0"}"#.to_string(),
+        r#"{"after":{"id":4,"a":"first","b":"z","a":"last"},"key":[4],"topic":"t","updated":"1.0"}"#
+            .to_string(),
+        r#"{"after":{"id":5,"a":"m","b":"n"},"key":[5],"topic":"t","updated":"1.0"}"#.to_string(),
+    ]);
+    let expected = vec!["1|x|y", "2|p|q", "3|only|dflt", "4|last|z", "5|m|n"];
+    for (db, extra) in [
+        ("shapes_plain", vec![]),
+        ("shapes_script", vec!["--userscript", &path]),
+    ] {
+        let f = fixture(db, setup, &extra).await;
+        f.post_ok(&format!("/{db}/public"), body.clone()).await;
+        assert_eq!(
+            f.dump("SELECT id, a, b FROM t ORDER BY id").await,
+            expected,
+            "{db}"
+        );
+    }
+}
