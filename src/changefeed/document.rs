@@ -59,6 +59,11 @@ impl Shape {
     }
 }
 
+/// One document's list of property names, held so that the documents
+/// sharing it are recognized by [`Document::has_names`].
+#[derive(Clone)]
+pub struct NamesId(Arc<Shape>);
+
 /// A JSON object: one row's properties by name, in the order they arrived.
 /// Compares, prints and serializes as the object it is.
 #[derive(Clone, Default)]
@@ -118,6 +123,16 @@ impl Document {
     #[cfg(test)]
     fn shares_shape(&self, other: &Document) -> bool {
         Arc::ptr_eq(&self.shape, &other.shape)
+    }
+
+    /// Its list of names, to recognize the rows that share it.
+    pub fn names_id(&self) -> NamesId {
+        NamesId(self.shape.clone())
+    }
+
+    /// Whether its names are that list (known without comparing them).
+    pub fn has_names(&self, id: &NamesId) -> bool {
+        Arc::ptr_eq(&self.shape, &id.0)
     }
 
     /// As a JSON object value.

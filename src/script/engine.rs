@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use super::flat::FlatArray;
 use super::runtime::{load_program, Arg, Program, TxBridge, TxKind, TxRequest, Worker};
 use super::*;
+use crate::changefeed::document::NamesId;
 use crate::changefeed::{Before, Document, Mutation};
 
 struct Job {
@@ -946,7 +947,8 @@ struct DispatchSource<'a> {
 struct DispatchInput {
     schema: String,
     shapes: Vec<Vec<String>>,
-    last_shape: usize,
+    /// The names of the last row that had a shape, and that shape.
+    last_names: Option<(NamesId, usize)>,
     topics: Vec<String>,
     /// `updated` values seen, flattened as nanos, logical.
     times: Vec<i64>,
@@ -973,7 +975,7 @@ impl DispatchInput {
         DispatchInput {
             schema: schema.to_string(),
             shapes: Vec::new(),
-            last_shape: usize::MAX,
+            last_names: None,
             topics: Vec::new(),
             times: Vec::new(),
             flat: FlatArray::with_capacity(rows * 8),
@@ -986,18 +988,25 @@ impl DispatchInput {
     }
 
     fn shape_of(&mut self, doc: &Document) -> Option<usize> {
-        let plain = doc
-            .iter()
-            .all(|(k, v)| k != "__proto__" && !matches!(v, Value::Object(_) | Value::Array(_)));
-        if !plain {
+        if doc
+            .values()
+            .any(|v| matches!(v, Value::Object(_) | Value::Array(_)))
+        {
+            return None;
+        }
+        // Rows parsed from one request share their list of names: only a
+        // row with another list needs its names compared.
+        if let Some((names, shape)) = &self.last_names {
+            if doc.has_names(names) {
+                return Some(*shape);
+            }
+        }
+        if doc.keys().any(|k| k == "__proto__") {
             return None;
         }
         let same = |shape: &Vec<String>| {
             shape.len() == doc.len() && shape.iter().zip(doc.keys()).all(|(a, b)| a == b)
         };
-        if self.shapes.get(self.last_shape).is_some_and(same) {
-            return Some(self.last_shape);
-        }
         let found = match self.shapes.iter().position(same) {
             Some(i) => i,
             None if self.shapes.len() < MAX_SHAPES => {
@@ -1006,7 +1015,7 @@ impl DispatchInput {
             }
             None => return None,
         };
-        self.last_shape = found;
+        self.last_names = Some((doc.names_id(), found));
         Some(found)
     }
 
