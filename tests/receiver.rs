@@ -1340,3 +1340,53 @@ async fn rows_of_one_batch_may_differ_in_properties() {
         );
     }
 }
+
+/// A row that names no value for a primary-key column is refused with that
+/// column's name, whichever column of a composite key it is, and nothing of
+/// its batch is applied.
+#[tokio::test]
+async fn row_without_a_primary_key_value_names_the_column() {
+    let f = fixture(
+        "missing_key",
+        "CREATE TABLE t (a INT8, b TEXT, v TEXT, PRIMARY KEY (a, b))",
+        &[],
+    )
+    .await;
+    let good = r#"{"after":{"a":1,"b":"x","v":"v1"},"key":[1,"x"],"topic":"t","updated":"1.0"}"#;
+    let cases = [
+        // No b in `after`, and no key to take it from.
+        r#"{"after":{"a":2,"v":"v2"},"topic":"t","updated":"1.0"}"#,
+        // b is null.
+        r#"{"after":{"a":2,"b":null,"v":"v2"},"topic":"t","updated":"1.0"}"#,
+        // A key too short to name both columns.
+        r#"{"after":{"a":2,"v":"v2"},"key":[2],"topic":"t","updated":"1.0"}"#,
+        // A delete whose key is too short and whose before lacks b.
+        r#"{"after":null,"before":{"a":2,"v":"v2"},"key":[2],"topic":"t","updated":"1.0"}"#,
+        // `after` is the row written: a full key does not fill in its columns.
+        r#"{"after":{"a":3,"v":"v3"},"key":[3,"z"],"topic":"t","updated":"1.0"}"#,
+    ];
+    for bad in cases {
+        let (status, text) = f
+            .post(
+                "/missing_key/public",
+                batch(&[good.to_string(), bad.to_string()]),
+            )
+            .await;
+        assert_eq!(status, 400, "{bad} -> {text}");
+        assert!(
+            text.contains("primary-key column \"b\""),
+            "{bad}: expected the missing column b in {text:?}"
+        );
+        assert_eq!(
+            f.dump("SELECT * FROM t").await,
+            Vec::<String>::new(),
+            "{bad}"
+        );
+    }
+    // The good row alone applies.
+    let (status, text) = f
+        .post("/missing_key/public", batch(&[good.to_string()]))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(f.dump("SELECT a, b, v FROM t").await, vec!["1|x|v1"]);
+}

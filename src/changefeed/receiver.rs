@@ -370,13 +370,8 @@ impl Receiver {
                 continue;
             }
             // A delete's `key` holds the values of whichever key finds it.
-            let key = key_values(schema, key_columns, true, m).map_err(|c| {
-                if delete_key.is_empty() {
-                    missing_pk(schema)
-                } else {
-                    TargetError::missing_key(schema, c).into()
-                }
-            })?;
+            let key = key_values(schema, key_columns, true, m)
+                .map_err(|c| TargetError::missing_key(schema, c))?;
             del.push((del_muts.len(), key));
             del_muts.push(m);
         }
@@ -730,7 +725,7 @@ fn fold_duplicates<'m>(
                 out.push(m);
                 continue;
             }
-            Err(_) => return Err(missing_pk(schema)),
+            Err(c) => return Err(TargetError::missing_key(schema, c).into()),
         };
         let key = key
             .into_iter()
@@ -778,7 +773,8 @@ fn key_values<'a>(
             })
             .collect()
     };
-    if let Some(Ok(k)) = m.after.as_ref().map(from_doc) {
+    let after = m.after.as_ref().map(from_doc);
+    if let Some(Ok(k)) = after {
         return Ok(k);
     }
     if let Some(k) = m
@@ -788,15 +784,12 @@ fn key_values<'a>(
     {
         return Ok(k.iter().collect());
     }
-    match m.before.row() {
-        Some(d) => from_doc(d),
-        None => Err(columns[0]),
+    match m.before.row().map(from_doc) {
+        Some(Ok(k)) => Ok(k),
+        // Name a column the row's own documents lack: `after`'s first, as
+        // that is the document being written.
+        before => Err(after.or(before).and_then(Result::err).unwrap_or(columns[0])),
     }
-}
-
-/// Every table has a primary key (the schema loader refuses one without).
-fn missing_pk(schema: &TableSchema) -> ReceiveError {
-    TargetError::missing_key(schema, schema.pk[0]).into()
 }
 
 /// Drops upserts whose deadline column is older than now minus its duration.
