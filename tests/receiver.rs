@@ -629,6 +629,17 @@ async fn bad_input_is_rejected_and_changes_nothing() {
             400,
             "not a time",
         ),
+        (
+            // Read by PostgreSQL's input function, which refuses it.
+            batch(&[
+                good.clone(),
+                loser.clone(),
+                good.replace(T3, "2026-13-01T00:00:01Z")
+                    .replace("\"k\":2", "\"k\":6"),
+            ]),
+            400,
+            "column \"_timestamp\" (timestamp with time zone): cannot convert \"2026-13-01T00:00:01Z\"",
+        ),
         (batch(&vec![good.clone(); 60]), 413, "maxBodyBytes"),
     ];
     for (body, want, needle) in cases {
@@ -1389,4 +1400,72 @@ async fn row_without_a_primary_key_value_names_the_column() {
         .await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(f.dump("SELECT a, b, v FROM t").await, vec!["1|x|v1"]);
+}
+
+/// A value meridian passes on as text and PostgreSQL's input function then
+/// refuses is reported like meridian's own conversion errors: table, column,
+/// type and value, with 400 and nothing applied. The same holds for a
+/// conflicting row's `before`, which is read through the column types too.
+#[tokio::test]
+async fn values_the_target_refuses_name_their_column() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+api.configureTable("t", { cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "t" })) });"#,
+    );
+    let f = fixture(
+        "target_refuses",
+        "CREATE TABLE t (id INT8 PRIMARY KEY, i INT4, d DATE, n NUMERIC(5,2), ts TIMESTAMPTZ);
+         CREATE TABLE cdc_sink_dlq (event UUID DEFAULT gen_random_uuid() PRIMARY KEY,
+           dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL,
+           data_after JSONB NOT NULL, data_before JSONB NOT NULL);
+         INSERT INTO t VALUES (1, 1, '2026-01-01', 1.5, '2026-01-01T00:00:09Z');",
+        &["--userscript", &path],
+    )
+    .await;
+    let row = |id: i64, props: &str, before: &str| {
+        format!(
+            r#"{{"after":{{"id":{id},"ts":"{T2}",{props}}},"before":{before},"key":[{id}],"topic":"t","updated":"1.0"}}"#
+        )
+    };
+    let good = row(2, r#""i":2"#, "null");
+    let cases = [
+        (
+            row(3, r#""i":3000000000"#, "null"),
+            r#"column "i" (integer): cannot convert "3000000000": value "3000000000" is out of range"#,
+        ),
+        (
+            row(3, r#""d":"2026-02-30""#, "null"),
+            r#"column "d" (date): cannot convert "2026-02-30": date/time field value out of range"#,
+        ),
+        (
+            row(3, r#""n":"abc""#, "null"),
+            r#"column "n" (numeric(5,2)): cannot convert "abc": invalid input syntax for type numeric"#,
+        ),
+        // Row 1 is stored newer, so this loses and its before is read.
+        (
+            row(1, r#""i":5"#, r#"{"id":1,"i":4000000000}"#),
+            r#"column "i" (integer): cannot convert "4000000000""#,
+        ),
+    ];
+    let snapshot = || async {
+        (
+            f.dump("SELECT * FROM t ORDER BY id").await,
+            f.dump("SELECT * FROM cdc_sink_dlq").await,
+        )
+    };
+    let before = snapshot().await;
+    for (bad, needle) in cases {
+        let (status, text) = f
+            .post(
+                "/target_refuses/public",
+                batch(&[good.clone(), bad.clone()]),
+            )
+            .await;
+        assert_eq!(status, 400, "{bad} -> {text}");
+        assert!(
+            text.contains(&format!("table target_refuses.public.t: {needle}")),
+            "expected {needle:?} in {text:?}"
+        );
+        assert_eq!(snapshot().await, before, "{bad} changed the database");
+    }
 }

@@ -18,7 +18,7 @@ use deadpool_postgres::Transaction;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
-use super::convert::{to_sql, Values};
+use super::convert::{to_sql, ConvertError, Values};
 use super::schema::{Column, TableSchema};
 use super::sql::quote_ident;
 use super::TargetError;
@@ -533,7 +533,10 @@ pub async fn upsert(
     let sql = upsert_sql(schema, batch, cas, rules);
     let values: Vec<&(dyn ToSql + Sync)> = batch.params().collect();
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
-    let written = tx.execute(&stmt, &values).await.map_err(TargetError::db)?;
+    let written = tx
+        .execute(&stmt, &values)
+        .await
+        .map_err(|e| statement_error(e, schema, &[batch]))?;
     if cas.is_empty() || written as usize == batch.len() {
         return Ok(Upserted {
             written,
@@ -546,7 +549,7 @@ pub async fn upsert(
     let rows = tx
         .query(&stmt, &params(&ords, batch))
         .await
-        .map_err(TargetError::db)?;
+        .map_err(|e| statement_error(e, schema, &[batch]))?;
     Ok(Upserted {
         written,
         losers: rows
@@ -623,11 +626,51 @@ pub async fn delete(
         )
     };
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
-    let rows = tx.query(&stmt, &p).await.map_err(TargetError::db)?;
+    let rows = tx
+        .query(&stmt, &p)
+        .await
+        .map_err(|e| statement_error(e, schema, &[keys, cas_values]))?;
     Ok(rows
         .iter()
         .map(|r| keys.ords[r.get::<_, i32>(0) as usize])
         .collect())
+}
+
+/// A statement's error. For a value its input function refused (SQLSTATE
+/// class 22), the server quotes the value but says not which column it was
+/// for: the column of `batches` whose text holds it is named, as meridian's
+/// own conversions name theirs.
+fn statement_error(
+    e: tokio_postgres::Error,
+    schema: &TableSchema,
+    batches: &[&TableBatch],
+) -> TargetError {
+    let refused = e.as_db_error().and_then(|db| {
+        if !db.code().code().starts_with("22") {
+            return None;
+        }
+        // `invalid input syntax for type uuid: "x"`, `value "x" is out of
+        // range for type integer`: the first quoted text is the value.
+        let message = db.message();
+        let (head, rest) = message.split_once('"')?;
+        let (text, tail) = rest.split_once('"')?;
+        let reason = match head.strip_suffix(": ") {
+            Some(reason) if tail.is_empty() => reason,
+            _ => message,
+        };
+        let column = batches.iter().find_map(|b| {
+            let n = b.values.iter().position(|v| v.holds_text(text))?;
+            Some(&schema.columns[b.columns[n]])
+        })?;
+        Some(ConvertError::refused(column, text, reason))
+    });
+    match refused {
+        Some(source) => TargetError::Convert {
+            table: schema.name.to_string(),
+            source: Box::new(source),
+        },
+        None => TargetError::db(e),
+    }
 }
 
 /// A row that lost compare-and-set, with every side as the target's types
@@ -721,7 +764,14 @@ pub async fn fetch_losers(
         qualified(schema, "cur", &schema.pk),
     );
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
-    let rows = tx.query(&stmt, &p).await.map_err(TargetError::db)?;
+    let batches: Vec<&TableBatch> = [Some(keys), proposed, before.map(|(b, _)| b)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let rows = tx
+        .query(&stmt, &p)
+        .await
+        .map_err(|e| statement_error(e, schema, &batches))?;
     let obj = |v: Option<Value>| match v {
         Some(Value::Object(m)) => Some(Document::from(m)),
         _ => None,

@@ -52,6 +52,19 @@ pub struct ConvertError {
     pub reason: String,
 }
 
+impl ConvertError {
+    /// `text`, which the target's input function for `col` refused with
+    /// `reason`.
+    pub fn refused(col: &Column, text: &str, reason: &str) -> Self {
+        ConvertError {
+            column: col.name.clone(),
+            sql_type: col.sql_type.clone(),
+            value: shorten(&Value::String(text.to_string())),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 fn shorten(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 120 {
@@ -291,6 +304,11 @@ impl<'a> Values<'a> {
             Values::Timestamp(_) => "timestamp[]",
             Values::Uuid(_) => "uuid[]",
         }
+    }
+
+    /// Whether the values travel as text and one of them is `text`.
+    pub fn holds_text(&self, text: &str) -> bool {
+        matches!(self, Values::Text(v) if v.iter().any(|t| t.as_deref() == Some(text)))
     }
 
     /// The values as a statement parameter.
