@@ -1469,3 +1469,57 @@ api.configureTable("t", { cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "t
         assert_eq!(snapshot().await, before, "{bad} changed the database");
     }
 }
+
+/// A row whose table cannot be told (no topic on a schema URL, or a topic
+/// that is no table name) is refused with 400 and a message that says what
+/// is wrong with the row, with or without a dispatch function, and nothing
+/// of its batch is applied. Without a topic the script is never called;
+/// a dispatch function that routes to a bad topic is the script's result.
+#[tokio::test]
+async fn rows_without_a_usable_topic_are_refused() {
+    let (_dir, path) = script(
+        r#"import * as api from "replicator@v1";
+        api.configureSource("topic_script.public", {
+          dispatch: (doc: any, meta: any) => ({ [meta.table]: [doc] }),
+        });"#,
+    );
+    let good = r#"{"after":{"id":1},"key":[1],"topic":"t","updated":"1.0"}"#.to_string();
+    let no_topic = r#"{"after":{"id":2},"key":[2],"updated":"1.0"}"#;
+    let bad_topic = r#"{"after":{"id":2},"key":[2],"topic":"a.b.c.d","updated":"1.0"}"#;
+    let no_topic_says =
+        "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}";
+    let bad_name = r#"table name "a.b.c.d" must be table, schema.table or db.schema.table"#;
+    let cases = [
+        ("topic_plain", no_topic, no_topic_says.to_string()),
+        (
+            "topic_plain",
+            bad_topic,
+            format!("topic \"a.b.c.d\": {bad_name}"),
+        ),
+        ("topic_script", no_topic, no_topic_says.to_string()),
+        (
+            "topic_script",
+            bad_topic,
+            format!("userscript returned an invalid result: {bad_name}"),
+        ),
+    ];
+    for db in ["topic_plain", "topic_script"] {
+        let extra = if db == "topic_script" {
+            vec!["--userscript", &path]
+        } else {
+            vec![]
+        };
+        let f = fixture(db, "CREATE TABLE t (id INT8 PRIMARY KEY)", &extra).await;
+        for (_, bad, says) in cases.iter().filter(|c| c.0 == db) {
+            let body = batch(&[good.clone(), bad.to_string()]);
+            let (status, text) = f.post(&format!("/{db}/public"), body).await;
+            assert_eq!(status, 400, "{db}: {bad} -> {text}");
+            assert_eq!(text.trim_end(), says, "{db}: {bad}");
+            assert_eq!(
+                f.dump("SELECT id FROM t").await,
+                Vec::<String>::new(),
+                "{db}"
+            );
+        }
+    }
+}

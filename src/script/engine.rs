@@ -220,7 +220,7 @@ impl Engine {
                 .into_iter()
                 .map(|m| {
                     let table = match &mut to {
-                        Target::Schema(n) => n.get(topic_of(default_table, &m)?)?,
+                        Target::Schema(n) => n.topic(default_table, &m)?,
                         Target::Table(t) => t.clone(),
                     };
                     Ok(Routed { table, mutation: m })
@@ -328,14 +328,11 @@ impl Engine {
         for (i, m) in batch.into_iter().enumerate() {
             let i = offset + i;
             if m.after.is_none() && !delete_fn {
-                let name = match src.deletes_to.as_deref() {
-                    Some(t) if !t.is_empty() => t,
-                    _ => topic_of(default_table, &m)?,
+                let table = match src.deletes_to.as_deref() {
+                    Some(t) if !t.is_empty() => names.get(t)?,
+                    _ => names.topic(default_table, &m)?,
                 };
-                routed.push(Routed {
-                    table: names.get(name)?,
-                    mutation: m,
-                });
+                routed.push(Routed { table, mutation: m });
                 continue;
             }
             let encoded = simple.next().unwrap_or(false);

@@ -184,6 +184,10 @@ pub enum ScriptError {
     /// The script returned something the API does not allow.
     #[error("userscript returned an invalid result: {0}")]
     Invalid(String),
+    /// A row names no table it can go to (no topic, or a topic that is not
+    /// a table name): the sender's mistake, not the script's.
+    #[error("{0}")]
+    Unroutable(String),
     /// The script does not load (syntax error, missing import): `file:line:col: message`.
     #[error("userscript failed to load: {0}")]
     Load(String),
@@ -321,7 +325,7 @@ pub fn route_by_topic(
     batch
         .into_iter()
         .map(|m| {
-            let table = names.get(topic_of(default_table, &m)?)?;
+            let table = names.topic(default_table, &m)?;
             Ok(Routed { table, mutation: m })
         })
         .collect()
@@ -330,7 +334,7 @@ pub fn route_by_topic(
 /// The table a mutation names: the URL's, else its topic.
 fn topic_of<'a>(default_table: Option<&'a str>, m: &'a Mutation) -> Result<&'a str, ScriptError> {
     default_table.or(m.topic.as_deref()).ok_or_else(|| {
-        ScriptError::Invalid(
+        ScriptError::Unroutable(
             "payload has no topic and the URL names no table; POST to /{database}/{schema}/{table}"
                 .to_string(),
         )
@@ -355,13 +359,27 @@ impl<'a> TableNames<'a> {
         }
     }
 
+    /// The table a name the script gave resolves to.
     fn get(&mut self, name: &str) -> Result<Arc<TableName>, ScriptError> {
+        self.resolve(name).map_err(ScriptError::Invalid)
+    }
+
+    /// The table a mutation's topic (or the URL) names.
+    fn topic(
+        &mut self,
+        default_table: Option<&str>,
+        m: &Mutation,
+    ) -> Result<Arc<TableName>, ScriptError> {
+        let name = topic_of(default_table, m)?;
+        self.resolve(name)
+            .map_err(|e| ScriptError::Unroutable(format!("topic {name:?}: {e}")))
+    }
+
+    fn resolve(&mut self, name: &str) -> Result<Arc<TableName>, String> {
         if let Some((_, t)) = self.seen.iter().rev().find(|(n, _)| n == name) {
             return Ok(t.clone());
         }
-        let t =
-            TableName::resolve(name, self.database, self.schema).map_err(ScriptError::Invalid)?;
-        let t = Arc::new(t);
+        let t = Arc::new(TableName::resolve(name, self.database, self.schema)?);
         self.seen.push((name.to_string(), t.clone()));
         Ok(t)
     }
