@@ -510,6 +510,24 @@ fn console_logs_and_skips_disabled_messages() {
     assert!(trace.contains("built 2 counted 1"), "{trace}");
 }
 
+/// Logs written to a pipe or a file (a service manager, a container) carry
+/// no terminal colour codes.
+#[test]
+fn logs_to_a_pipe_are_plain_text() {
+    let (_dir, path) = script("console.info(\"hello from the script\");\n");
+    let out = meridian()
+        .args(["userscript", "--check", &path])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("INFO"), "{stderr}");
+    assert!(stderr.contains("hello from the script"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "escape codes in {stderr:?}");
+}
+
 fn shipped_ts() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("userscripts");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
