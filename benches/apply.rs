@@ -11,7 +11,8 @@
 //! round's ratio.
 //!
 //! Run: `cargo bench --bench apply` (env: BENCH_ROWS, BENCH_BATCH, BENCH_CONCURRENCY, BENCH_ROUNDS,
-//! BENCH_USERSCRIPT=path|none, BENCH_ONLY=meridian|baseline to profile one side).
+//! BENCH_USERSCRIPT=path|none, BENCH_ONLY=meridian|baseline to profile one side,
+//! BENCH_LOG=<filter> to log as the daemon does, e.g. info).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -156,6 +157,16 @@ async fn baseline_pass(
 fn main() {
     // As the `meridian` binary does.
     meridian::tune_allocator();
+    // No log output by default, as with RUST_LOG=warn. BENCH_LOG=info logs
+    // as `meridian start` does by default (the seed's script then logs a
+    // line per row), formatted and thrown away.
+    if let Ok(filter) = std::env::var("BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::sink)
+            .with_ansi(false)
+            .init();
+    }
     let rows = env("BENCH_ROWS", 100_000);
     let batch = env("BENCH_BATCH", 1_000);
     let conc = env("BENCH_CONCURRENCY", 4);

@@ -21,6 +21,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Receive changefeed batches over HTTP(S) and apply them to the target.
+    #[command(
+        after_help = "Logging: RUST_LOG filters the log (default info). A userscript's \
+console.log and console.info log at info, so a script that logs per row (the seed's does) \
+writes a line per row; RUST_LOG=info,meridian::userscript=warn keeps meridian's own \
+messages and drops those."
+    )]
     Start(StartArgs),
     /// Read a PostgreSQL source through logical decoding and send webhook batches.
     Changefeed(crate::source::postgres::ChangefeedArgs),

@@ -508,6 +508,10 @@ fn console_logs_and_skips_disabled_messages() {
     let trace = run("trace");
     assert!(trace.contains("trace \"p\""), "{trace}");
     assert!(trace.contains("built 2 counted 1"), "{trace}");
+    // The README's production filter: meridian at info, the script at warn.
+    let quiet = run("info,meridian::userscript=warn");
+    assert!(!quiet.contains("info "), "{quiet}");
+    assert!(quiet.contains("built 0 counted 1"), "{quiet}");
 }
 
 /// Logs written to a pipe or a file (a service manager, a container) carry
