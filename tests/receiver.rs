@@ -1414,11 +1414,11 @@ api.configureTable("t", { cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "t
     );
     let f = fixture(
         "target_refuses",
-        "CREATE TABLE t (id INT8 PRIMARY KEY, i INT4, d DATE, n NUMERIC(5,2), ts TIMESTAMPTZ);
+        "CREATE TABLE t (id INT8 PRIMARY KEY, i INT4, d DATE, n NUMERIC(5,2), ts TIMESTAMPTZ, s TEXT);
          CREATE TABLE cdc_sink_dlq (event UUID DEFAULT gen_random_uuid() PRIMARY KEY,
            dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL,
            data_after JSONB NOT NULL, data_before JSONB NOT NULL);
-         INSERT INTO t VALUES (1, 1, '2026-01-01', 1.5, '2026-01-01T00:00:09Z');",
+         INSERT INTO t VALUES (1, 1, '2026-01-01', 1.5, '2026-01-01T00:00:09Z', 's');",
         &["--userscript", &path],
     )
     .await;
@@ -1440,6 +1440,11 @@ api.configureTable("t", { cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "t
         (
             row(3, r#""n":"abc""#, "null"),
             r#"column "n" (numeric(5,2)): cannot convert "abc": invalid input syntax for type numeric"#,
+        ),
+        // JSON can carry NUL; PostgreSQL text cannot.
+        (
+            row(3, r#""s":"a\u0000b""#, "null"),
+            r#"column "s" (text): cannot convert "a\u0000b": text cannot contain the NUL character (\u0000)"#,
         ),
         // Row 1 is stored newer, so this loses and its before is read.
         (
@@ -1522,4 +1527,30 @@ async fn rows_without_a_usable_topic_are_refused() {
             );
         }
     }
+}
+
+/// A request meridian has no endpoint for says what it serves: 404 for an
+/// unknown path, 405 for a known path with the wrong method.
+#[tokio::test]
+async fn unknown_endpoints_say_what_is_served() {
+    let f = fixture("endpoints", KV_SCHEMA, &[]).await;
+    let serves = "changefeeds POST to /{database}/{schema} or /{database}/{schema}/{table}; \
+                  GET /_/healthz and /_/varz";
+    let (status, text) = f.post("/endpoints/public/kv/extra", batch(&[])).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        text.trim_end(),
+        format!("no endpoint for POST /endpoints/public/kv/extra; {serves}")
+    );
+    let r = f
+        .http
+        .get(format!("{}/endpoints/public", f.server.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.text().await.unwrap().trim_end(),
+        format!("no endpoint for GET /endpoints/public; {serves}")
+    );
 }

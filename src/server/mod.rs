@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -128,6 +128,10 @@ pub async fn serve(args: StartArgs) -> Result<RunningServer> {
         .route("/{database}/{schema}/{table}", post(post_table))
         .route("/_/healthz", get(healthz))
         .route("/_/varz", get(varz))
+        .fallback(|m: Method, u: Uri| async move { no_route(StatusCode::NOT_FOUND, m, u) })
+        .method_not_allowed_fallback(|m: Method, u: Uri| async move {
+            no_route(StatusCode::METHOD_NOT_ALLOWED, m, u)
+        })
         .layer(DefaultBodyLimit::disable())
         // A bug must cost one request (500), never the daemon or the connection.
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
@@ -290,6 +294,17 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         }
         Err(e) => Err(ApiError::Body(e.to_string())),
     }
+}
+
+/// The answer to a request for something meridian does not serve: what it
+/// does serve.
+fn no_route(status: StatusCode, method: Method, uri: Uri) -> (StatusCode, String) {
+    let message = format!(
+        "no endpoint for {method} {}; changefeeds POST to /{{database}}/{{schema}} or \
+         /{{database}}/{{schema}}/{{table}}; GET /_/healthz and /_/varz\n",
+        uri.path()
+    );
+    (status, message)
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {

@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 
 use deadpool_postgres::Transaction;
 use serde_json::Value;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::convert::{to_sql, ConvertError, Values};
@@ -639,30 +640,45 @@ pub async fn delete(
 /// A statement's error. For a value its input function refused (SQLSTATE
 /// class 22), the server quotes the value but says not which column it was
 /// for: the column of `batches` whose text holds it is named, as meridian's
-/// own conversions name theirs.
+/// own conversions name theirs. So is a text value with a NUL character,
+/// which PostgreSQL refuses without quoting it.
 fn statement_error(
     e: tokio_postgres::Error,
     schema: &TableSchema,
     batches: &[&TableBatch],
 ) -> TargetError {
     let refused = e.as_db_error().and_then(|db| {
-        if !db.code().code().starts_with("22") {
-            return None;
-        }
-        // `invalid input syntax for type uuid: "x"`, `value "x" is out of
-        // range for type integer`: the first quoted text is the value.
         let message = db.message();
-        let (head, rest) = message.split_once('"')?;
-        let (text, tail) = rest.split_once('"')?;
-        let reason = match head.strip_suffix(": ") {
-            Some(reason) if tail.is_empty() => reason,
-            _ => message,
+        let (quoted, reason) = if *db.code() == SqlState::CHARACTER_NOT_IN_REPERTOIRE {
+            // `invalid byte sequence for encoding "UTF8": 0x00`: PostgreSQL
+            // text cannot hold NUL, which JSON's `\u0000` can carry.
+            if !message.ends_with(": 0x00") {
+                return None;
+            }
+            (None, "text cannot contain the NUL character (\\u0000)")
+        } else if db.code().code().starts_with("22") {
+            // `invalid input syntax for type uuid: "x"`, `value "x" is out
+            // of range for type integer`: the first quoted text is the value.
+            let (head, rest) = message.split_once('"')?;
+            let (text, tail) = rest.split_once('"')?;
+            let reason = match head.strip_suffix(": ") {
+                Some(reason) if tail.is_empty() => reason,
+                _ => message,
+            };
+            (Some(text), reason)
+        } else {
+            return None;
         };
-        let column = batches.iter().find_map(|b| {
-            let n = b.values.iter().position(|v| v.holds_text(text))?;
-            Some(&schema.columns[b.columns[n]])
-        })?;
-        Some(ConvertError::refused(column, text, reason))
+        let is_value = |t: &str| match quoted {
+            Some(q) => t == q,
+            None => t.contains('\0'),
+        };
+        batches.iter().find_map(|b| {
+            b.values.iter().zip(&b.columns).find_map(|(v, &c)| {
+                let text = v.find_text(is_value)?;
+                Some(ConvertError::refused(&schema.columns[c], text, reason))
+            })
+        })
     });
     match refused {
         Some(source) => TargetError::Convert {
@@ -841,8 +857,7 @@ pub async fn write_dlq(
 }
 
 fn missing_dlq(e: tokio_postgres::Error, schema: &str, table: &str) -> TargetError {
-    if e.as_db_error().map(|d| d.code()) == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
-    {
+    if e.as_db_error().map(|d| d.code()) == Some(&SqlState::UNDEFINED_TABLE) {
         TargetError::MissingDlq {
             table: format!("{schema}.{table}"),
             create: dlq_create_sql(schema, table),

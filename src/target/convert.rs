@@ -306,9 +306,12 @@ impl<'a> Values<'a> {
         }
     }
 
-    /// Whether the values travel as text and one of them is `text`.
-    pub fn holds_text(&self, text: &str) -> bool {
-        matches!(self, Values::Text(v) if v.iter().any(|t| t.as_deref() == Some(text)))
+    /// When the values travel as text, the first that `is` picks.
+    pub fn find_text(&self, is: impl Fn(&str) -> bool) -> Option<&str> {
+        match self {
+            Values::Text(v) => v.iter().flatten().map(|t| &**t).find(|t| is(t)),
+            _ => None,
+        }
     }
 
     /// The values as a statement parameter.
