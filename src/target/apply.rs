@@ -780,14 +780,13 @@ pub async fn fetch_losers(
         qualified(schema, "cur", &schema.pk),
     );
     let stmt = tx.prepare_cached(&sql).await.map_err(TargetError::db)?;
-    let batches: Vec<&TableBatch> = [Some(keys), proposed, before.map(|(b, _)| b)]
-        .into_iter()
-        .flatten()
-        .collect();
-    let rows = tx
-        .query(&stmt, &p)
-        .await
-        .map_err(|e| statement_error(e, schema, &batches))?;
+    let rows = tx.query(&stmt, &p).await.map_err(|e| {
+        let batches: Vec<&TableBatch> = [Some(keys), proposed, before.map(|(b, _)| b)]
+            .into_iter()
+            .flatten()
+            .collect();
+        statement_error(e, schema, &batches)
+    })?;
     let obj = |v: Option<Value>| match v {
         Some(Value::Object(m)) => Some(Document::from(m)),
         _ => None,
