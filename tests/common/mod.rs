@@ -100,6 +100,15 @@ impl Fixture {
         assert_eq!(status, 200, "{text}");
     }
 
+    /// POSTs `body` and asserts the receiver refused it as input that will
+    /// never apply (400, showing its answer when it did not); returns the
+    /// answer.
+    pub async fn post_refused(&self, path: &str, body: impl Into<reqwest::Body>) -> String {
+        let (status, text) = self.post(path, body).await;
+        assert_eq!(status, 400, "{path}: {text}");
+        text
+    }
+
     /// The rows of a query, each as one text line (for byte-for-byte comparison).
     pub async fn dump(&self, sql: &str) -> Vec<String> {
         self.db
