@@ -1313,18 +1313,24 @@ async fn merges_compare_numerics_by_value() {
     assert_eq!(f.dump("SELECT n, b, ts FROM m").await, vec!["1.0|b1|20"]);
 }
 
+/// A userscript whose `dispatch` for `source` sends each row, unchanged, to
+/// its topic's table: what a plain receiver does, through the script.
+fn topic_dispatch_script(source: &str) -> (tempfile::TempDir, String) {
+    script(&format!(
+        r#"import * as api from "replicator@v1";
+        api.configureSource("{source}", {{
+          dispatch: (doc: any, meta: any) => ({{ [meta.table]: [doc] }}),
+        }});"#
+    ))
+}
+
 /// Rows of one batch need not share their properties: reordered, missing
 /// (the column's default on insert) and repeated properties (the last value
 /// counts, as in a JSON object) all land as sent, with and without a
 /// dispatch function in between.
 #[tokio::test]
 async fn rows_of_one_batch_may_differ_in_properties() {
-    let (_dir, path) = script(
-        r#"import * as api from "replicator@v1";
-        api.configureSource("shapes_script.public", {
-          dispatch: (doc: any, meta: any) => ({ [meta.table]: [doc] }),
-        });"#,
-    );
+    let (_dir, path) = topic_dispatch_script("shapes_script.public");
     let setup = "CREATE TABLE t (id INT8 PRIMARY KEY, a TEXT, b TEXT DEFAULT 'dflt')";
     let body = batch(&[
         r#"{"after":{"id":1,"a":"x","b":"y"},"key":[1],"topic":"t","updated":"1.0"}"#.to_string(),
@@ -1477,12 +1483,7 @@ api.configureTable("t", { cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "t
 /// a dispatch function that routes to a bad topic is the script's result.
 #[tokio::test]
 async fn rows_without_a_usable_topic_are_refused() {
-    let (_dir, path) = script(
-        r#"import * as api from "replicator@v1";
-        api.configureSource("topic_script.public", {
-          dispatch: (doc: any, meta: any) => ({ [meta.table]: [doc] }),
-        });"#,
-    );
+    let (_dir, path) = topic_dispatch_script("topic_script.public");
     let good = r#"{"after":{"id":1},"key":[1],"topic":"t","updated":"1.0"}"#.to_string();
     let no_topic = r#"{"after":{"id":2},"key":[2],"updated":"1.0"}"#;
     let bad_topic = r#"{"after":{"id":2},"key":[2],"topic":"a.b.c.d","updated":"1.0"}"#;
